@@ -1,0 +1,264 @@
+"""The one run-config schema: model, parallel layout, precision, data, training (optimizer + LR), stages,
+checkpoint and logging, as typed pydantic models with commented defaults.
+
+Loading order: YAML file -> dotted overrides (`train.lr=3e-4 parallel.tp=2`) -> preset expansion -> validation.
+Every error names the field (dotted path) and, for unknown keys, the allowed ones; nothing starts before it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.config import ModelConfig
+from model.precision import PrecisionConfig
+from model.presets import preset_fields
+from parallel.layout import ParallelLayout
+
+
+class ConfigError(ValueError):
+    """A bad run config; the message names every offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    # Directory of webdataset shards + manifests written by `foldtron shards`.
+    shards_dir: Optional[str] = None
+    # Curriculum YAML (phases, token budgets, blend weights); None: one phase over all sources, equal weight.
+    curriculum: Optional[str] = None
+    # tokenizer.json (HF tokenizers); None: token ids are taken as they are in the shards.
+    tokenizer: Optional[str] = None
+    seed: int = 1234  # the global sample order is a pure function of (seed, phase, global sample index)
+    num_workers: int = Field(1, ge=0)  # prefetch worker processes per rank
+    # Synthetic data for smoke tests when no shards exist: random tokens with a learnable pattern.
+    mock: bool = False
+
+
+class TrainConfig(_Section):
+    """Optimizer, LR schedule and batch: Megatron-LM argument names."""
+
+    seq_length: int = Field(256, ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    train_iters: int = Field(100, ge=0)
+    seed: int = 1234
+    # AdamW (Nemotron 3: beta 0.9/0.95, eps 1e-8, wd 0.1), FP32 master weights and states.
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
+    # LR schedule: warmup, then constant / cosine / linear / WSD (warmup-stable-decay).
+    lr_warmup_iters: int = Field(0, ge=0)
+    lr_decay_style: Literal["constant", "cosine", "linear", "WSD"] = "cosine"
+    lr_decay_iters: Optional[int] = Field(None, ge=1)  # None: train_iters
+    lr_wsd_decay_style: Literal["minus_sqrt", "cosine", "linear", "exponential"] = "minus_sqrt"
+    lr_wsd_decay_iters: Optional[int] = Field(None, ge=1)  # length of the final decay window of WSD
+    # Abort after this many consecutive skipped (NaN/Inf) updates.
+    max_consecutive_nan_skips: int = Field(5, ge=1)
+    # Stop cleanly (save, exit for requeue) after this many minutes of wall time; None: no limit.
+    exit_duration_in_mins: Optional[float] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.lr_decay_style == "WSD" and self.lr_wsd_decay_iters is None:
+            raise ValueError("train.lr_decay_style=WSD needs train.lr_wsd_decay_iters (the decay window)")
+        return self
+
+
+class StageConfig(_Section):
+    """One stage of the schedule (phase 1, phase 2, long context); unset fields inherit the run's."""
+
+    name: str
+    phase: Optional[str] = None  # curriculum phase this stage draws from
+    train_iters: int = Field(..., ge=1)
+    seq_length: Optional[int] = Field(None, ge=1)
+    micro_batch_size: Optional[int] = Field(None, ge=1)
+    global_batch_size: Optional[int] = Field(None, ge=1)
+    lr: Optional[float] = Field(None, gt=0)
+    min_lr: Optional[float] = Field(None, ge=0)
+    lr_warmup_iters: Optional[int] = Field(None, ge=0)
+    lr_decay_style: Optional[Literal["constant", "cosine", "linear", "WSD"]] = None
+    lr_wsd_decay_iters: Optional[int] = Field(None, ge=1)
+    parallel: Optional[ParallelLayout] = None  # e.g. CP for long context
+    precision: Optional[PrecisionConfig] = None
+
+
+class CheckpointConfig(_Section):
+    save: Optional[str] = None  # run directory for checkpoints; None: no checkpoints
+    load: Optional[str] = None  # resume from here (default: `save` when it holds a checkpoint)
+    save_interval: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)  # older checkpoints are deleted after a successful save
+    # Exit code for "saved on a signal, requeue me" (Slurm chains read it; see examples/slurm).
+    requeue_exit_code: int = Field(3, ge=1, le=255)
+
+
+class LoggingConfig(_Section):
+    log_interval: int = Field(1, ge=1)
+    tensorboard_dir: Optional[str] = None
+    log_moe_expert_load: bool = True
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelLayout = Field(default_factory=ParallelLayout)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stages: duplicate stage names {dup}; each stage needs its own name")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+
+def _parse_value(text: str) -> Any:
+    """A CLI override value is read as YAML: `3e-4` -> float, `true` -> bool, `[1,2]` -> list, `null` -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict; a list element is addressed by index (`stages.0.lr`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. train.lr=3e-4)")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {where} is not an index of a {len(node)}-element list")
+                node = node[int(part)]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {item!r}: {last} is not an index of a {len(node)}-element list")
+            node[int(last)] = _parse_value(value)
+        else:
+            node[last] = _parse_value(value)
+    return raw
+
+
+def _expand_preset(raw: dict) -> dict:
+    """`model: {preset: nano-30b-a3b, hidden_size: ...}` -> the preset's fields, then the explicit ones."""
+    model = raw.get("model")
+    if isinstance(model, dict) and "preset" in model:
+        model = dict(model)
+        name = model.pop("preset")
+        try:
+            fields = preset_fields(str(name))
+        except ValueError as e:
+            raise ConfigError(f"model.preset: {e}") from None
+        fields.update(model)
+        raw = dict(raw, model=fields)
+    return raw
+
+
+def _section_class(loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic class that holds the field at `loc` (to list allowed keys for an unknown one)."""
+    cls: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", ()) + (ann,):
+            inner = getattr(cand, "__args__", ())
+            for c in inner + (cand,):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    cls = c
+                    break
+            else:
+                continue
+            break
+        else:
+            return None
+    return cls
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        where = ".".join(str(x) for x in loc) or "config"
+        if e["type"] == "extra_forbidden":
+            cls = _section_class(loc)
+            allowed = ", ".join(sorted(cls.model_fields)) if cls is not None else "?"
+            lines.append(f"{where}: unknown key; allowed keys here: {allowed}")
+        elif e["type"] == "literal_error":
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+        elif e["type"] == "value_error":
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(msg if where in ("config", "model") or msg.startswith(where.split(".")[0]) else f"{where}: {msg}")
+        else:
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid run config:\n  " + "\n  ".join(lines)
+
+
+def build_config(raw: dict) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a run config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(_expand_preset(raw))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML run config (or start from the defaults), apply dotted overrides, validate."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides or []))
+    return build_config(raw)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=120)

@@ -1,0 +1,41 @@
+"""Shared pytest set-up: repo root on sys.path, GPU / Slurm tests skipped cleanly when absent."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = None
+    slurm = shutil.which("sbatch") is not None and os.environ.get("FOLDTRON_SLURM", "") != "0"
+    for item in items:
+        if "gpu" in item.keywords:
+            cuda = _has_cuda() if cuda is None else cuda
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA (no GPU on this machine)"))
+        if "slurm" in item.keywords and not slurm:
+            item.add_marker(pytest.mark.skip(
+                reason="needs a running Slurm: `bash .ci/slurm.sh start` (Debian slurmctld slurmd slurm-client munge)"))
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return ROOT
