@@ -1,0 +1,260 @@
+"""Megatron-Core CPU compatibility layer: the one place where Foldtron works around CUDA assumptions in
+Megatron-Core, so the same model code runs on gloo/CPU (tests, quickstart, laptops) and on NCCL/GPU.
+
+Why process-level: Megatron-Core 0.16.1 has ~250 hard-coded `torch.cuda.current_device()` / `device="cuda"`
+/ `.cuda()` sites (shared/reference/megatron-core-on-cpu.md); patching call sites one by one does not scale.
+`apply()` is idempotent and does nothing when CUDA is available, so GPU runs see upstream code unchanged.
+Every patch names the upstream line it works around (megatron-core 0.16.1 line numbers). `PATCHES` lists
+what was applied, for tests and for `foldtron` diagnostics.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import types
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+PATCHES: list[str] = []
+_APPLIED = False
+
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "linspace", "eye",
+    "rand", "randn", "randint", "randperm", "empty_like", "zeros_like", "ones_like", "full_like",
+)
+
+
+def _cpu_device(device: Any) -> Any:
+    """Map any CUDA device spelling to the CPU; leave everything else alone."""
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CpuTorch(types.ModuleType):
+    """A stand-in for the `torch` global of a Megatron-Core module: tensor factories asked for a CUDA device
+    get the CPU instead; every other attribute is torch's own."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args: Any, __f=attr, **kwargs: Any) -> Any:
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_device(kwargs["device"])
+                return __f(*args, **kwargs)
+            return factory
+        return attr
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream / Event on CPU: everything runs in order on one stream anyway."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *a: Any, **k: Any) -> None: ...
+    def wait_event(self, *a: Any, **k: Any) -> None: ...
+    def record_event(self, *a: Any, **k: Any) -> "_NoStream": return _NoStream()
+    def record(self, *a: Any, **k: Any) -> None: ...
+    def synchronize(self) -> None: ...
+    def query(self) -> bool: return True
+    def wait(self, *a: Any, **k: Any) -> None: ...
+    def elapsed_time(self, other: Any) -> float: return 0.0
+    def __eq__(self, other: object) -> bool: return isinstance(other, _NoStream)
+    def __hash__(self) -> int: return 0
+
+
+_NO_STREAM = _NoStream()
+
+
+def _patch_torch_cuda() -> None:
+    """Items 1-2 of the reference: CUDA device queries, RNG and streams answered by the CPU."""
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"  # used as `device=` in ~250 places (e.g. tensor_parallel/mappings.py:91)
+    # RNG: route to the CPU default generator. torch.cuda.manual_seed -> torch.manual_seed would recurse,
+    # because torch.manual_seed calls torch.cuda.manual_seed_all; use the generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+    # Streams and events (transformer/moe/token_dispatcher.py:866-890 uses a side stream for D2H copies).
+    cuda.synchronize = lambda device=None: None
+    cuda.Stream = _NoStream
+    cuda.Event = _NoStream
+    cuda.current_stream = lambda device=None: _NO_STREAM
+    cuda.default_stream = lambda device=None: _NO_STREAM
+    cuda.stream = lambda s=None: contextlib.nullcontext()
+    torch.Tensor.cuda = lambda self, *a, **k: self  # `.cuda()` on CPU tensors: identity
+    torch.Tensor.record_stream = lambda self, stream: None
+    PATCHES.append("torch.cuda device/RNG/stream queries answered by the CPU; Tensor.cuda is identity")
+
+
+def _patch_rng_tracker() -> None:
+    """tensor_parallel/random.py:41 `_get_cuda_rng_state` and :72 `_set_cuda_rng_state` read
+    torch.cuda.default_generators; the CPU generator takes their place. The tracker's `fork` (random.py:251)
+    then warns on every use that the CPU state changed, which is exactly what forking does here: silence it."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
+    PATCHES.append("tensor_parallel.random: RNG tracker forks the CPU generator")
+
+
+def _patch_moe() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # moe_utils.py:1192 tests `te_general_gemm is not None`, but the name is only bound when TE imports
+    # (moe_utils.py:34): NameError without TE.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+        PATCHES.append("moe_utils.te_general_gemm = None (NameError without TE, moe_utils.py:1192)")
+
+    # moe_utils.py:1093 only moves CUDA tensors, so on CPU the all-to-all split sizes stay tensors and gloo's
+    # all_to_all_single raises TypeError: convert them as the GPU path would (token_dispatcher.py:876).
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor):
+            tensor = tensor.cpu()
+            if as_numpy:
+                tensor = tensor.numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    PATCHES.append("moe_utils/token_dispatcher.maybe_move_tensor_to_cpu converts CPU split sizes too")
+
+
+def _patch_uneven_collectives() -> None:
+    """tensor_parallel/mappings.py:150 gathers uneven chunks with a list all_gather and :193 reduce-scatters
+    uneven chunks with a list reduce_scatter; NCCL accepts both, gloo refuses ("invalid tensor size") or lacks
+    reduce_scatter. Same results through padding (gather) and all-reduce + slice (reduce-scatter)."""
+    from megatron.core.tensor_parallel import mappings
+
+    orig_gather = mappings._gather_along_first_dim
+    orig_rs = mappings._reduce_scatter_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group is None or group.size() == 1:
+            return orig_gather(input_, group, output_split_sizes, use_global_buffer)
+        biggest = max(output_split_sizes)
+        padded = input_.new_zeros((biggest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        chunks = [torch.empty_like(padded) for _ in range(group.size())]
+        dist.all_gather(chunks, padded.contiguous(), group=group)
+        return torch.cat([c[:n] for c, n in zip(chunks, output_split_sizes)], dim=0)
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group is None or group.size() == 1:
+            return orig_rs(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start:start + input_split_sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+    PATCHES.append("tensor_parallel.mappings: uneven gather/reduce-scatter made gloo-safe")
+
+
+def _cpu_torch_for(module: types.ModuleType) -> None:
+    if module.__name__.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+        module.torch = _CPU_TORCH
+
+
+class _MegatronImportHook:
+    """Gives every megatron.core module imported after `apply()` the same `torch` view as those before."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if not name.startswith("megatron.core"):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                orig_exec = spec.loader.exec_module
+
+                def exec_module(module: types.ModuleType, __orig=orig_exec) -> None:
+                    __orig(module)
+                    _cpu_torch_for(module)
+
+                spec.loader.exec_module = exec_module
+                return spec
+            if spec is not None:
+                return spec
+        return None
+
+
+def _patch_cuda_literals() -> None:
+    """About 20 Megatron-Core modules create tensors with a literal `device="cuda"` (pipeline_parallel/
+    schedules.py:596/983/2138, transformer/utils.py:35 causal mask, optimizer/clip_grads.py, moe_utils.py,
+    param_and_grad_buffer.py, ...). Their `torch` global becomes a view of torch whose tensor factories map
+    CUDA to CPU, for modules already imported and (through an import hook) those imported later;
+    `Tensor.to("cuda")` maps to the CPU likewise."""
+    for module in list(sys.modules.values()):
+        if isinstance(module, types.ModuleType):
+            _cpu_torch_for(module)
+    sys.meta_path.insert(0, _MegatronImportHook())
+    orig_to = torch.Tensor.to
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        if args and not isinstance(args[0], torch.dtype) and not torch.is_tensor(args[0]):
+            args = (_cpu_device(args[0]),) + args[1:]
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return orig_to(self, *args, **kwargs)
+
+    torch.Tensor.to = to
+    PATCHES.append("literal device='cuda' tensor factories and Tensor.to('cuda') in megatron.core go to the CPU")
+
+
+_CPU_TORCH = _CpuTorch()
+
+
+def apply() -> bool:
+    """Apply the CPU compatibility layer once per process. Returns True if it is active (no CUDA)."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    _patch_torch_cuda()
+    _patch_rng_tracker()
+    _patch_moe()
+    _patch_uneven_collectives()
+    _patch_cuda_literals()
+    _APPLIED = True
+    return True
+
+
+class TorchNorm(torch.nn.Module):
+    """RMSNorm/LayerNorm in plain torch that, unlike megatron's WrappedTorchNorm (transformer/torch_norm.py:32),
+    allows sequence parallelism: it marks its parameters `sequence_parallel` so finalize_model_grads all-reduces
+    their gradients over TP, as TE's and apex's norms do. Parameter names: `weight` (and `bias` for LayerNorm)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str | None = None) -> None:
+        super().__init__()
+        kind = normalization or config.normalization
+        if kind not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"TorchNorm supports RMSNorm and LayerNorm, not {kind!r}")
+        self.kind, self.eps = kind, eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype)) if kind == "LayerNorm" else None
+        for p in self.parameters():
+            p.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "RMSNorm":
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
