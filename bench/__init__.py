@@ -1,0 +1,1 @@
+"""Benchmarks: each `bench_<name>.py` writes `bench/results/<name>.json` (see bench/common.py)."""
