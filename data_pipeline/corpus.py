@@ -1,0 +1,101 @@
+"""The quickstart's embedded default corpus: real text already on any machine that has Python, so a first run
+needs no download.
+
+Three sources, written as a sources YAML that `foldtron curate` reads (users replace it with their own):
+  python_code  the standard library's own modules (a code source, one document per file)
+  python_docs  prose: the reference-manual topics shipped in `pydoc_data` and, per stdlib module, its module,
+               class and function docstrings (extracted with `ast`, nothing is imported or executed)
+  manpages     system manual pages (sections 5 and 7), where the machine has them
+"""
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: stdlib modules read as code and as docstrings: the top-level modules (~170 files, ~5 MB); fnmatch's `*`
+#: crosses `/`, so "*/*" is what leaves out every package directory (site-packages, test, ...).
+CODE_INCLUDE = ["*.py"]
+CODE_EXCLUDE = ["*/*", "__phello__*", "this.py"]
+MAN_SECTIONS = ("man5", "man7")
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _docstring_document(path: Path, rel: str) -> str | None:
+    """One prose document per module: its docstring, then each public class/function docstring under a heading."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    parts = []
+    module_doc = ast.get_docstring(tree)
+    if module_doc:
+        parts.append(module_doc)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if doc and len(doc.split()) >= 8:
+                kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                parts.append(f"{node.name} ({kind})\n\n{doc}")
+    if not parts:
+        return None
+    return f"Module {rel[:-3].replace('/', '.')}\n\n" + "\n\n".join(parts)
+
+
+def _matches(rel: str, include: list[str], exclude: list[str]) -> bool:
+    from fnmatch import fnmatch
+
+    return any(fnmatch(rel, p) for p in include) and not any(fnmatch(rel, p) for p in exclude)
+
+
+def write_python_docs(out: Path) -> int:
+    """Write the prose source as JSONL; returns the number of documents."""
+    import pydoc_data.topics as topics
+
+    root = stdlib_dir()
+    n = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for name in sorted(topics.topics):
+            f.write(json.dumps({"text": topics.topics[name], "title": f"topic:{name}"}) + "\n")
+            n += 1
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if not _matches(rel, CODE_INCLUDE, CODE_EXCLUDE):
+                continue
+            doc = _docstring_document(path, rel)
+            if doc:
+                f.write(json.dumps({"text": doc, "title": f"module:{rel}"}) + "\n")
+                n += 1
+    tmp.replace(out)
+    return n
+
+
+def build_default_corpus(out_dir: str | Path, man_root: str | Path = "/usr/share/man") -> Path:
+    """Write OUT/corpus/python_docs.jsonl and OUT/corpus/sources.yaml; return the sources YAML path."""
+    out = Path(out_dir) / "corpus"
+    docs = out / "python_docs.jsonl"
+    if not docs.exists():
+        write_python_docs(docs)
+    sources: list[dict[str, Any]] = [
+        {"name": "python_code", "kind": "code_tree", "paths": [str(stdlib_dir())],
+         "include": CODE_INCLUDE, "exclude": CODE_EXCLUDE, "language": "python"},
+        {"name": "python_docs", "kind": "jsonl", "paths": [str(docs)], "text_field": "text",
+         "keep_fields": ["title"]},
+    ]
+    man = Path(man_root)
+    man_dirs = [str(man / s) for s in MAN_SECTIONS if (man / s).is_dir() and any((man / s).iterdir())]
+    if man_dirs:
+        sources.append({"name": "manpages", "kind": "text_tree", "paths": man_dirs, "include": ["*"]})
+    path = out / "sources.yaml"
+    path.write_text("# The quickstart's embedded corpus (data_pipeline/corpus.py); replace with your own sources.\n"
+                    + yaml.safe_dump({"sources": sources}, sort_keys=False))
+    return path
