@@ -218,6 +218,30 @@ def _patch_cuda_literals() -> None:
     PATCHES.append("literal device='cuda' tensor factories and Tensor.to('cuda') in megatron.core go to the CPU")
 
 
+def _patch_triton_free_imports() -> None:
+    """ssm/mamba_mixer.py:22 imports `inference/contexts/attention_context/triton/tensor_ops.py`, which does
+    `import triton` at module level (ModuleNotFoundError on a CPU-only torch), although its three functions are
+    only used by dynamic-batching inference (mamba_mixer.py:451 `_dynamic_inference`). Without triton, that
+    module is registered with the same three names raising a clear error, so MambaMixer (subclassed by the CPU
+    Mamba path in model/layers.py) imports. (Added by the model engineer, issue 4.)"""
+    try:
+        import triton  # noqa: F401
+        return
+    except ImportError:
+        pass
+    name = "megatron.core.inference.contexts.attention_context.triton.tensor_ops"
+    if name in sys.modules:
+        return
+    mod = types.ModuleType(name)
+
+    def _needs_triton(*args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("dynamic-batching Mamba inference needs triton (GPU); not available on CPU")
+
+    mod.tensor_get_slice_after = mod.tensor_merge = mod.tensor_masked_update = _needs_triton
+    sys.modules[name] = mod
+    PATCHES.append("triton tensor_ops (mamba_mixer.py:22 import) registered as CPU-absent: dynamic inference only")
+
+
 _CPU_TORCH = _CpuTorch()
 
 
@@ -233,6 +257,7 @@ def apply() -> bool:
     _patch_moe()
     _patch_uneven_collectives()
     _patch_cuda_literals()
+    _patch_triton_free_imports()
     _APPLIED = True
     return True
 

@@ -1,0 +1,266 @@
+"""Build the hybrid model from Megatron-Core: `build_model(cfg)` is the one entry point the trainer, the
+parallelism layer and the HF export call.
+
+The model is Megatron-Core's MambaModel (embedding, MambaStack with `hybrid_override_pattern`, output layer,
+`compute_language_model_loss`) built from the specs of model/specs.py, plus the hybrid MTP block of model/mtp.py.
+Process groups come from `megatron.core.parallel_state` (initialised by the caller; `init_single_process()` does
+it for one CPU process).
+
+MoE bookkeeping the training loop must know about (Megatron-Core 0.16.1's real mechanisms):
+- Sequence aux loss (`moe_router_load_balancing_type="seq_aux_loss"`, coeff `moe_aux_loss_coeff`): the router
+  attaches it to the activations with `MoEAuxLossAutoScaler`, so it is in the gradient without appearing in the
+  returned loss. Its scale follows the main loss: call `MoEAuxLossAutoScaler.set_loss_scale(scale)` (and
+  `MTPLossAutoScaler.set_loss_scale`) when the loss is scaled/averaged over micro-batches, as Megatron's
+  schedules do. Values for logging: `megatron.core.transformer.moe.moe_utils.track_moe_metrics` reads
+  `get_moe_layer_wise_logging_tracker()`; MTP losses: `MTPLossLoggingHelper.track_mtp_metrics`.
+- Expert bias (aux-loss-free balancing, `moe_router_enable_expert_bias`): each router counts tokens per
+  expert in `local_tokens_per_expert` during forward; once per optimizer step `finalize_model_grads`
+  (megatron/core/distributed/finalize_model_grads.py:476) all-reduces the counts over TPxCPxDP, moves each
+  bias by rate * sign(mean - count) and zeroes the counts. A loop that does not call `finalize_model_grads`
+  calls `update_expert_bias(model_chunks)` below once per step instead.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .pattern import parse_pattern, split_pipeline
+
+
+def _mcore():
+    """Apply the CPU compatibility layer (no-op with CUDA) before any Megatron-Core module is built."""
+    from . import mcore_compat
+
+    mcore_compat.apply()
+
+
+def transformer_config(cfg: ModelConfig, **parallel_kwargs: Any):
+    """Megatron-Core TransformerConfig for `cfg`; `parallel_kwargs` are TransformerConfig/ModelParallelConfig
+    fields (tensor_model_parallel_size, expert_model_parallel_size, sequence_parallel, bf16, params_dtype, ...)."""
+    _mcore()
+    from megatron.core.activations import squared_relu
+    from megatron.core.transformer import TransformerConfig
+
+    has_moe = "E" in cfg.all_symbols
+    kw: dict[str, Any] = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        # Nemotron-H / 3: pre-RMSNorm, no biases, no dropout, squared ReLU without a gate, untied head.
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=False,
+        activation_func=squared_relu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        # Mamba-2.
+        mamba_state_dim=cfg.mamba_state_dim,
+        mamba_head_dim=cfg.mamba_head_dim,
+        mamba_num_groups=cfg.mamba_num_groups,
+        mamba_num_heads=cfg.mamba_num_heads,
+        # The CPU path keeps activations like the fused GPU kernel; on GPU this picks mamba-ssm's fused path.
+        use_mamba_mem_eff_path=True,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    if has_moe:
+        kw.update(
+            num_moe_experts=cfg.num_moe_experts,
+            moe_router_topk=cfg.moe_router_topk,
+            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+            moe_latent_size=cfg.moe_latent_size,
+            # Sigmoid scores + expert bias for selection; selected scores normalised to sum 1, then scaled.
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=cfg.moe_router_bias_update_rate,
+            moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
+            moe_router_pre_softmax=False,
+            moe_router_dtype="fp32",
+            moe_router_load_balancing_type="seq_aux_loss",
+            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=torch.cuda.is_available(),
+            moe_shared_expert_overlap=False,
+        )
+    if cfg.mtp_num_layers:
+        kw.update(mtp_num_layers=cfg.mtp_num_layers, mtp_loss_scaling_factor=cfg.mtp_loss_scaling_factor)
+    kw.update(parallel_kwargs)
+    return TransformerConfig(**kw)
+
+
+def init_single_process(seed: int = 1234, **parallel_sizes: int) -> None:
+    """One-process gloo world + Megatron-Core parallel state (tests, benchmarks, model-info on CPU)."""
+    _mcore()
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(**parallel_sizes)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+class _ModelClass:
+    """Built lazily so importing model.build does not import Megatron-Core."""
+
+    cls = None
+
+    @classmethod
+    def get(cls):
+        if cls.cls is None:
+            cls.cls = _define_hybrid_model()
+        return cls.cls
+
+
+def _define_hybrid_model():
+    from megatron.core.models.mamba.mamba_model import MambaModel
+    from megatron.core.transformer.multi_token_prediction import (
+        MTPLossAutoScaler,
+        MTPLossLoggingHelper,
+        roll_tensor,
+    )
+
+    class HybridModel(MambaModel):
+        """MambaModel + the hybrid MTP block. Without MTP (or in inference) it is MambaModel unchanged."""
+
+        def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
+                    decoder_input: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                    inference_context=None, runtime_gather_output: Optional[bool] = None, *,
+                    loss_mask: Optional[Tensor] = None, packed_seq_params=None, **kwargs):
+            mtp = self._modules.get("mtp")
+            if mtp is None or inference_context is not None or labels is None:
+                return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                       labels=labels, inference_context=inference_context,
+                                       runtime_gather_output=runtime_gather_output,
+                                       packed_seq_params=packed_seq_params, **kwargs)
+            if decoder_input is None and self.pre_process:
+                decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
+                                  packed_seq_params=packed_seq_params)
+            depths = mtp.depths
+            hidden = mtp(input_ids=input_ids, position_ids=position_ids, hidden_states=hidden,
+                              attention_mask=attention_mask, embedding=self.embedding,
+                              packed_seq_params=packed_seq_params)
+            chunks = torch.chunk(hidden, 1 + depths, dim=0)
+            hidden = chunks[0]
+            mtp_labels = labels.clone()
+            mask = torch.ones_like(mtp_labels) if loss_mask is None else loss_mask
+            cp_group = self.pg_collection.cp
+            for depth in range(depths):
+                mtp_logits, _ = self.output_layer(chunks[depth + 1], runtime_gather_output=runtime_gather_output)
+                mtp_labels, _ = roll_tensor(mtp_labels, shifts=-1, dims=-1, cp_group=cp_group,
+                                            packed_seq_params=packed_seq_params)
+                mask, num_tokens = roll_tensor(mask, shifts=-1, dims=-1, cp_group=cp_group,
+                                               packed_seq_params=packed_seq_params)
+                mtp_loss = mask * self.compute_language_model_loss(mtp_labels, mtp_logits)
+                if self.training:
+                    from megatron.core import parallel_state
+
+                    MTPLossLoggingHelper.save_loss_to_tracker(
+                        torch.sum(mtp_loss) / num_tokens, depth, depths,
+                        avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+                scale = self.config.mtp_loss_scaling_factor / depths
+                if self.config.calculate_per_token_loss:
+                    hidden = MTPLossAutoScaler.apply(hidden, scale * mtp_loss)
+                else:
+                    hidden = MTPLossAutoScaler.apply(hidden, scale * mtp_loss / num_tokens)
+            logits, _ = self.output_layer(hidden, runtime_gather_output=runtime_gather_output)
+            return self.compute_language_model_loss(labels, logits)
+
+    return HybridModel
+
+
+def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
+                vp_stage: Optional[int] = None, precision: Any = None, backend: Optional[str] = None,
+                config=None) -> torch.nn.Module:
+    """The hybrid model for this pipeline stage, as a Megatron-Core module.
+
+    forward(input_ids [b,s], position_ids [b,s], attention_mask (None: causal), labels=None, ...) returns the
+    per-token loss [b, s] when labels are given (main-model loss; MTP losses ride in the gradient through
+    MTPLossAutoScaler, as in GPTModel), logits [b, s, vocab/tp] otherwise. Parallel state must be initialised
+    (parallel_state.initialize_model_parallel; `init_single_process()` for one CPU process).
+    `config`: a TransformerConfig to use instead of `transformer_config(cfg)` (for parallel settings).
+    `precision`: a model.precision.PrecisionConfig; only high-precision recipes (fp32/bf16) are built here,
+    low-precision GEMMs are the NVFP4 engineer's layer on top.
+    """
+    _mcore()
+    from megatron.core import parallel_state
+
+    from .specs import column_linear_spec, hybrid_stack_spec, norm_spec, resolve_backend
+
+    if vp_stage is not None:
+        raise ValueError("Megatron-Core 0.16.1's MambaStack has no virtual pipeline stages (ssm/mamba_block.py:177); "
+                         "use vpp=None for the hybrid model")
+    if precision is not None and getattr(precision, "recipe", "bf16") not in ("bf16", "fp32"):
+        raise ValueError(f"precision recipe {precision.recipe!r} is applied by the precision layer, not build_model; "
+                         "build with a bf16/fp32 policy and wrap")
+    be = resolve_backend(backend)
+    tc = config if config is not None else transformer_config(cfg)
+    parse_pattern(cfg.hybrid_override_pattern, cfg.num_layers)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    split_pipeline(cfg.hybrid_override_pattern, pp, tc.num_layers_in_first_pipeline_stage,
+                   tc.num_layers_in_last_pipeline_stage)
+    model = _ModelClass.get()(
+        config=tc,
+        mamba_stack_spec=hybrid_stack_spec(be, cfg.num_moe_experts, cfg.mamba_chunk_size, cfg.mamba_conv_kernel),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        hybrid_override_pattern=cfg.hybrid_override_pattern,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="none",
+    )
+    if cfg.mtp_num_layers and post_process:
+        if not pre_process:
+            raise ValueError("hybrid MTP needs the embedding on its stage: with pipeline parallelism > 1 it is not "
+                             "supported yet (put MTP models on pp=1)")
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        from .mtp import HybridMTPBlock, HybridMTPLayer
+
+        parse_pattern(cfg.mtp_hybrid_override_pattern, field="mtp_hybrid_override_pattern")
+        mtp_spec = hybrid_stack_spec(be, cfg.num_moe_experts, cfg.mamba_chunk_size, cfg.mamba_conv_kernel,
+                                     split_over_pipeline=False, post_layer_norm=False)
+        layer = HybridMTPLayer(tc, stack_spec=mtp_spec, norm=norm_spec(be), linear=column_linear_spec(be),
+                               mtp_pattern=cfg.mtp_hybrid_override_pattern,
+                               pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+                               moe_layer_number=cfg.num_layers + 1)
+        model.mtp = HybridMTPBlock(tc, depths=cfg.mtp_num_layers, layer=layer)
+    return model
+
+
+def update_expert_bias(model_chunks: Sequence[torch.nn.Module], config=None) -> None:
+    """Aux-loss-free expert-bias step for loops that do not call Megatron's `finalize_model_grads` (which does
+    exactly this): all-reduce token counts over TPxCPxDP, bias += rate * sign(mean - count), zero the counts."""
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    chunks = list(model_chunks)
+    cfg = config if config is not None else chunks[0].config
+    if not cfg.moe_router_enable_expert_bias:
+        return
+    _update_router_expert_bias(chunks, cfg)
+    for chunk in chunks:
+        for module in chunk.modules():
+            if getattr(module, "local_tokens_per_expert", None) is not None:
+                module.local_tokens_per_expert.zero_()
