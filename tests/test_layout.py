@@ -123,4 +123,4 @@ def test_published_models_on_production_layouts():
     sup = get_preset("super-120b-a12b")
     ParallelLayout(tp=2, pp=4, ep=16, etp=1, sequence_parallel=True).validate(sup, 256, 8192, 1, 512)
     # Long context: cp=8 with tp=2 on Super (128 Mamba heads / 2 = 64 per tp rank, 8 per cp rank).
-    ParallelLayout(tp=2, cp=8, ep=16, sequence_parallel=True).validate(sup, 512, 262144, 1, 16)
+    ParallelLayout(tp=2, cp=8, ep=16, sequence_parallel=True).validate(sup, 512, 262144, 1, 32)
