@@ -1,0 +1,287 @@
+"""Curation inputs (streaming readers, one document at a time) and the curated-output reader.
+
+Sources YAML: a list (or `{sources: [...]}`) of entries
+    - name: web                # tags every document; curated output goes to curated/<name>/
+      kind: jsonl              # jsonl (plain, .gz, .zst) | parquet | text_tree | code_tree
+      paths: [data/*.jsonl.zst]   # files, directories or globs; relative to the YAML's folder
+      text_field: text         # jsonl / parquet: the field holding the document text
+      include: ["*.py"]        # trees: fnmatch patterns on the path relative to its root (default all)
+      exclude: []              # trees: patterns to leave out
+      language: en             # recorded on every document
+      code: false              # code-aware filters instead of prose ones (default: kind == code_tree)
+      keep_fields: []          # jsonl / parquet: extra fields copied to the output records
+A text/code tree makes one document per file; `.gz` files (man pages) are decompressed. Every document
+gets a stable id: "<source>:<relative path>" for trees, "<source>:<relative path>:<line or row>" (1-based)
+for jsonl / parquet, so ids survive moving the data to another machine.
+
+Curated output (written by `data_pipeline.curate`, read by `iter_curated`):
+    OUTPUT/curated/<source>/part-XXXXX.jsonl.zst   one JSON object per line, zstd-compressed, with
+        {"id": str, "source": str, "text": str, "language": str, "code": bool, **keep_fields}
+    XXXXX numbers the source's input units (file groups) in input order; a part may be empty.
+    OUTPUT/reports/run.json  merged accounting; OUTPUT/reports/tasks/*.json per unit.
+"""
+from __future__ import annotations
+
+import fnmatch
+import glob
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Kind = Literal["jsonl", "parquet", "text_tree", "code_tree"]
+
+
+class SourceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # a folder name under curated/
+    kind: Kind
+    paths: list[str] = Field(min_length=1)  # files, directories or globs
+    text_field: str = "text"  # jsonl / parquet
+    include: list[str] = Field(default_factory=lambda: ["*"])  # trees: fnmatch on the relative path
+    exclude: list[str] = Field(default_factory=list)
+    language: str = "en"
+    code: bool | None = None  # None: True for code_tree, else False
+    keep_fields: list[str] = Field(default_factory=list)
+    on_bad_input: Literal["skip", "fail"] | None = None  # None: the run's --on-bad-input
+
+    @model_validator(mode="after")
+    def _default_code(self) -> "SourceSpec":
+        if self.code is None:
+            self.code = self.kind == "code_tree"
+        return self
+
+
+class SourceError(ValueError):
+    """Bad sources YAML, a missing path, or an input set with no files."""
+
+
+class BadInput(ValueError):
+    """One unreadable record; carries where it is so the log can name file and line."""
+
+    def __init__(self, reason: str, path: str, line: int, detail: str):
+        super().__init__(f"{path}:{line}: {reason}: {detail}")
+        self.reason, self.path, self.line, self.detail = reason, path, line, detail
+
+
+def load_sources(path: str | os.PathLike) -> list[SourceSpec]:
+    """Parse and validate the sources YAML; relative paths become relative to the YAML's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"sources file not found: {p}")
+    raw = yaml.safe_load(p.read_text())
+    if isinstance(raw, dict) and "sources" in raw:
+        raw = raw["sources"]
+    if not isinstance(raw, list) or not raw:
+        raise SourceError(f"{p}: expected a non-empty list of sources (or a mapping with key 'sources')")
+    specs = []
+    for i, entry in enumerate(raw):
+        try:
+            s = SourceSpec.model_validate(entry)
+        except ValidationError as e:
+            raise SourceError(f"{p}: source #{i}: {e}") from None
+        s.paths = [q if os.path.isabs(q) else str((p.parent / q)) for q in s.paths]
+        specs.append(s)
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise SourceError(f"{p}: source names must be unique, repeated: {sorted(dup)}")
+    return specs
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # absolute
+    rel: str  # relative to its root: what ids are built from
+    size: int
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def list_files(spec: SourceSpec) -> list[InputFile]:
+    """Every input file of a source, sorted by relative path; errors on a missing path or no files."""
+    found: dict[str, InputFile] = {}
+    for pat in spec.paths:
+        if _has_magic(pat):
+            root = pat
+            while _has_magic(root):
+                root = os.path.dirname(root)
+            hits = sorted(glob.glob(pat, recursive=True))
+            if not hits:
+                raise SourceError(f"source {spec.name!r}: pattern {pat!r} matches no files")
+            candidates = []
+            for h in hits:
+                if os.path.isdir(h):
+                    candidates += _walk(h, root)
+                else:
+                    candidates.append((h, os.path.relpath(h, root)))
+        elif os.path.isdir(pat):
+            candidates = _walk(pat, pat)
+        elif os.path.isfile(pat):
+            candidates = [(pat, os.path.basename(pat))]
+        else:
+            raise SourceError(f"source {spec.name!r}: path does not exist: {pat}")
+        for full, rel in candidates:
+            rel = rel.replace(os.sep, "/")
+            if spec.kind in ("text_tree", "code_tree"):
+                if not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(os.path.basename(rel), p)
+                           for p in spec.include):
+                    continue
+                if any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(os.path.basename(rel), p)
+                       for p in spec.exclude):
+                    continue
+            full = os.path.abspath(full)
+            found.setdefault(full, InputFile(full, rel, os.path.getsize(full)))
+    files = sorted(found.values(), key=lambda f: (f.rel, f.path))
+    if not files:
+        raise SourceError(f"source {spec.name!r}: no input files under {spec.paths} "
+                          f"(include={spec.include}, exclude={spec.exclude})")
+    return files
+
+
+def _walk(top: str, root: str) -> list[tuple[str, str]]:
+    out = []
+    for d, dirs, names in os.walk(top):
+        dirs.sort()
+        for n in sorted(names):
+            full = os.path.join(d, n)
+            if os.path.isfile(full):
+                out.append((full, os.path.relpath(full, root)))
+    return out
+
+
+@dataclass
+class Unit:
+    """One map task's input: a run of files from one source, in order."""
+    index: int  # global, in (source order, file order)
+    source: str
+    part: int  # index within the source: names the output part file
+    files: list[InputFile] = field(default_factory=list)
+
+
+def plan_units(specs: list[SourceSpec], target_bytes: int) -> list[Unit]:
+    """Group each source's files into units of about `target_bytes` (a big file is a unit by itself)."""
+    units: list[Unit] = []
+    for spec in specs:
+        part, cur, size = 0, [], 0
+        for f in list_files(spec):
+            if cur and size + f.size > target_bytes:
+                units.append(Unit(len(units), spec.name, part, cur))
+                part, cur, size = part + 1, [], 0
+            cur.append(f)
+            size += f.size
+        if cur:
+            units.append(Unit(len(units), spec.name, part, cur))
+    return units
+
+
+def _open_bytes(path: str) -> io.BufferedIOBase:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst") or path.endswith(".zstd"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+Record = dict  # {"id", "source", "text", "language", "code", ...keep_fields}
+
+
+def read_file(spec: SourceSpec, f: InputFile) -> Iterator[tuple[Record | BadInput, int]]:
+    """Yield (record or BadInput, raw byte size) for each document in one file, streaming."""
+    base = {"source": spec.name, "language": spec.language, "code": bool(spec.code)}
+    if spec.kind in ("text_tree", "code_tree"):
+        with _open_bytes(f.path) as fh:
+            raw = fh.read()
+        rel = f.rel[:-3] if f.rel.endswith(".gz") else f.rel
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield BadInput("undecodable", f.path, 1, str(e)), len(raw)
+            return
+        yield {"id": f"{spec.name}:{rel}", **base, "text": text}, len(raw)
+        return
+    if spec.kind == "jsonl":
+        with _open_bytes(f.path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    s = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield BadInput("undecodable", f.path, lineno, str(e)), len(line)
+                    continue
+                try:
+                    obj = json.loads(s)
+                except json.JSONDecodeError as e:
+                    yield BadInput("malformed_json", f.path, lineno, str(e)), len(line)
+                    continue
+                yield _record(spec, base, obj, f, lineno), len(line)
+        return
+    if spec.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(f.path)
+        cols = [spec.text_field, *spec.keep_fields]
+        missing = [c for c in cols if c not in pf.schema_arrow.names]
+        if missing:
+            raise SourceError(f"{f.path}: parquet file has no column(s) {missing} "
+                              f"(columns: {pf.schema_arrow.names})")
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=cols):
+            for obj in batch.to_pylist():
+                row += 1
+                size = len(obj[spec.text_field].encode("utf-8", "surrogatepass")) \
+                    if isinstance(obj.get(spec.text_field), str) else 0
+                yield _record(spec, base, obj, f, row), size
+        return
+    raise SourceError(f"unknown source kind {spec.kind!r}")
+
+
+def _record(spec: SourceSpec, base: dict, obj, f: InputFile, n: int) -> Record | BadInput:
+    if not isinstance(obj, dict):
+        return BadInput("not_an_object", f.path, n, f"expected a JSON object, got {type(obj).__name__}")
+    text = obj.get(spec.text_field)
+    if text is None:
+        return BadInput("missing_text", f.path, n, f"no field {spec.text_field!r}")
+    if not isinstance(text, str):
+        return BadInput("non_string_text", f.path, n,
+                        f"field {spec.text_field!r} is {type(text).__name__}, not a string")
+    rec = {"id": f"{spec.name}:{f.rel}:{n}", **base, "text": text}
+    for k in spec.keep_fields:
+        if k in obj:
+            rec[k] = obj[k]
+    return rec
+
+
+def iter_jsonl_zst(path: str | os.PathLike) -> Iterator[dict]:
+    """The records of one curated part file."""
+    with _open_bytes(str(path)) as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+def iter_curated(directory: str | os.PathLike, sources: list[str] | None = None) -> Iterator[dict]:
+    """Yield every curated document under `directory` (a run's OUTPUT or its curated/ folder), in
+    (source name, part) order; `sources` limits it to those names."""
+    d = Path(directory)
+    if (d / "curated").is_dir():
+        d = d / "curated"
+    if not d.is_dir():
+        raise FileNotFoundError(f"no curated data at {directory}")
+    for src in sorted(p for p in d.iterdir() if p.is_dir()):
+        if sources is not None and src.name not in sources:
+            continue
+        for part in sorted(src.glob("part-*.jsonl.zst")):
+            yield from iter_jsonl_zst(part)
