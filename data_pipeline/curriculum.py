@@ -303,40 +303,51 @@ def format_plan(plans: list[PhasePlan]) -> str:
 
 
 def plot_plan(plans: list[PhasePlan], path: str | Path, title: str = "") -> Path:
-    """Stacked token share per source across the run (x: cumulative tokens), phase boundaries marked."""
+    """Two panels: tokens per source stacked across the run (x: tokens seen, phases marked), and each
+    phase's share per source on equal-width bars, so a 100B-token long-context stage is as readable as a
+    20T-token phase."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sources = sorted({s for pp in plans for s in pp.sources})
-    xs, ys = [], {s: [] for s in sources}
-    start = 0
-    for pp in plans:
-        end = start + pp.tokens
-        for x in (start, end):
-            xs.append(x)
-            for s in sources:
-                sp = pp.sources.get(s)
-                ys[s].append(sp.tokens / pp.tokens if sp else 0.0)
-        start = end
-    fig, ax = plt.subplots(figsize=(11, 5.5))
     cmap = plt.get_cmap("tab20")
-    ax.stackplot([x / 1e9 for x in xs], [ys[s] for s in sources], labels=sources,
-                 colors=[cmap(i % 20) for i in range(len(sources))], alpha=0.9)
+    colors = {s: cmap(i % 20) for i, s in enumerate(sources)}
+    total = sum(pp.tokens for pp in plans)
+    scale, unit = next((f, u) for f, u in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"), (1, ""))
+                       if total >= 10 * f or f == 1)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [2.2, 1]})
+    xs, ys, start = [0.0], {s: [0.0] for s in sources}, 0
+    for pp in plans:
+        start += pp.tokens
+        xs.append(start / scale)
+        for s in sources:
+            sp = pp.sources.get(s)
+            ys[s].append(ys[s][-1] + (sp.tokens if sp else 0) / scale)
+    ax.stackplot(xs, [ys[s] for s in sources], labels=sources, colors=[colors[s] for s in sources], alpha=0.9)
     start = 0
     for pp in plans:
-        ax.axvline(start / 1e9, color="k", lw=1)
-        ax.text((start + pp.tokens / 2) / 1e9, 1.01, pp.name, ha="center", va="bottom", fontsize=8)
+        ax.axvline(start / scale, color="k", lw=0.8, ls="--")
+        ax.annotate(pp.name, (start / scale, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                    va="top", ha="right", fontsize=8)
         start += pp.tokens
-    ax.axvline(start / 1e9, color="k", lw=1)
-    ax.set_xlim(0, start / 1e9)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("tokens seen (billions)")
-    ax.set_ylabel("share of tokens")
-    ax.set_title(title or "token schedule per source", pad=18)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    ax.set_xlim(0, total / scale)
+    ax.set_xlabel(f"tokens seen ({unit})")
+    ax.set_ylabel(f"tokens drawn per source, cumulative ({unit})")
+    ax.set_title("token schedule across the run")
+    bottoms = [0.0] * len(plans)
+    for s in sources:
+        shares = [(pp.sources[s].tokens / pp.tokens if s in pp.sources else 0.0) for pp in plans]
+        bx.bar(range(len(plans)), shares, bottom=bottoms, color=colors[s], label=s)
+        bottoms = [b + v for b, v in zip(bottoms, shares)]
+    bx.set_xticks(range(len(plans)), [f"{pp.name}\n{_fmt(pp.tokens)}" for pp in plans], fontsize=8)
+    bx.set_ylim(0, 1)
+    bx.set_ylabel("share of the phase's tokens")
+    bx.set_title("blend per phase")
+    bx.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle(title or "curriculum")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
