@@ -170,25 +170,36 @@ def _run_job(job: _Job) -> dict:
     writer = wds.ShardWriter(str(tmp / f"{job.stem}-%06d.tar"), maxcount=1 << 62, maxsize=job.shard_bytes,
                              post=finished, verbose=0, mtime=0.0)
     index = 0
-    batch: list[tuple[str, str]] = []
 
-    def flush() -> None:
+    def write(batch: list[tuple[str, str]], arrays) -> None:
         nonlocal index
-        arrays = tok.encode_batch([t for _, t in batch])
         for (doc_id, _), ids in zip(batch, arrays):
-            writer.write({"__key__": f"{job.stem}-{index:09d}", ext: ids.astype(tok.dtype, copy=False).tobytes(),
+            writer.write({"__key__": f"{job.stem}-{index:09d}", ext: ids.tobytes(),
                           "json": {"id": doc_id, "source": job.source, "tokens": int(ids.size)}})
             counts["documents"] += 1
             counts["tokens"] += int(ids.size)
             index += 1
-        batch.clear()
 
-    for doc in iter_documents(job.input, job.source):
-        batch.append(doc)
-        if len(batch) >= job.batch_documents:
-            flush()
-    if batch:
-        flush()
+    # Encode batch k+1 (Rust, GIL released) while Python writes batch k into the tar.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        batch: list[tuple[str, str]] = []
+        for doc in iter_documents(job.input, job.source):
+            batch.append(doc)
+            if len(batch) >= job.batch_documents:
+                fut = pool.submit(tok.encode_batch, [t for _, t in batch])
+                if pending:
+                    write(pending[0], pending[1].result())
+                pending, batch = (batch, fut), []
+        if batch:
+            fut = pool.submit(tok.encode_batch, [t for _, t in batch])
+            if pending:
+                write(pending[0], pending[1].result())
+            pending = (batch, fut)
+        if pending:
+            write(pending[0], pending[1].result())
     writer.close()
     if shards and shards[-1]["documents"] == 0:  # ShardWriter opens its first tar eagerly: an empty input
         (tmp / shards.pop()["path"]).unlink()

@@ -44,20 +44,28 @@ def stdlib_docstring_docs(n: int, min_words: int = 150, max_chars: int = 12000) 
 
 
 def edit_to_jaccard(text: str, target: float, tol: float = 0.03) -> str:
-    """Replace evenly spaced characters until the 24-gram Jaccard with `text` is within tol of target."""
-    k = max(1, round(len(text) * (1 - target) / (24 * (1 + target))))
-    for _ in range(40):
+    """Replace k evenly spaced characters, k found by bisection, so that the 24-gram Jaccard with
+    `text` is within tol of target."""
+    def edited(k: int) -> str:
         step = len(text) / (k + 1)
         chars = list(text)
         for i in range(1, k + 1):
             p = int(i * step)
             chars[p] = "Q" if chars[p] != "Q" else "Z"
-        out = "".join(chars)
+        return "".join(chars)
+
+    lo, hi = 1, max(2, len(text) // 2)
+    best = None
+    while lo <= hi:
+        k = (lo + hi) // 2
+        out = edited(k)
         j = minhash.jaccard(text, out)
+        if best is None or abs(j - target) < abs(best[0] - target):
+            best = (j, out)
         if abs(j - target) <= tol:
             return out
-        k = max(1, round(k * (1.25 if j > target else 0.8)))
-    raise AssertionError(f"could not reach Jaccard {target}")
+        lo, hi = (k + 1, hi) if j > target else (lo, k - 1)
+    raise AssertionError(f"could not reach Jaccard {target} (closest {best[0]:.3f})")
 
 
 def write_jsonl(path: Path, recs: list[dict], opener=open) -> None:

@@ -66,3 +66,9 @@ def test_code_rules_on_real_stdlib_files():
     assert code_reason('<?xml version="1.0"?>\n' + src, c) == "code_xml_header"
     assert code_reason("\n".join(["# comment line"] * 50 + src.split("\n")[:5]), c) == "code_comment_lines"
     assert code_reason("\n".join(["{} [] () ;; -- ++ ==", "=" * 40] * 10), c) == "code_alphanumeric"
+
+
+def test_example_config_is_the_defaults(repo_root):
+    from data_pipeline.curate import CurateConfig, load_config
+
+    assert load_config(repo_root / "examples" / "configs" / "curate.yaml") == CurateConfig()
