@@ -257,6 +257,10 @@ def _record(spec: SourceSpec, base: dict, obj, f: InputFile, n: int) -> Record |
     if not isinstance(text, str):
         return BadInput("non_string_text", f.path, n,
                         f"field {spec.text_field!r} is {type(text).__name__}, not a string")
+    try:  # JSON may carry lone surrogates ("\\ud800") that no UTF-8 output can hold
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return BadInput("undecodable", f.path, n, f"field {spec.text_field!r}: {e}")
     rec = {"id": f"{spec.name}:{f.rel}:{n}", **base, "text": text}
     for k in spec.keep_fields:
         if k in obj:

@@ -246,16 +246,17 @@ def test_bad_input_policies(tmp_path):
         f.write((json.dumps({"body": docs[1]}) + "\n").encode())  # line 3: no text field
         f.write(b'{"text": "caf\xe9 bad bytes"}\n')  # line 4: not UTF-8
         f.write((json.dumps({"text": docs[2]}) + "\n").encode())
+        f.write(b'{"text": "lone \\ud800 surrogate"}\n')  # line 6: valid JSON, not encodable text
     (tmp_path / "s.yaml").write_text(yaml.safe_dump([{"name": "x", "kind": "jsonl", "paths": ["in/x.jsonl"]}]))
     with pytest.raises(CurationError, match=r"x\.jsonl:2: malformed_json"):
         run_curation(tmp_path / "s.yaml", tmp_path / "o1")
     rep = run_curation(tmp_path / "s.yaml", tmp_path / "o2", on_bad_input="skip")
     assert {k: v["docs"] for k, v in rep["bad_input"].items()} == \
-        {"malformed_json": 1, "missing_text": 1, "undecodable": 1}
-    assert rep["input"]["docs"] == 5
+        {"malformed_json": 1, "missing_text": 1, "undecodable": 2}
+    assert rep["input"]["docs"] == 6
     assert rep["kept"]["docs"] + sum(c["docs"] for c in rep["filtered"].values()) == 2
     assert [(e["line"], e["reason"]) for e in rep["bad_input_examples"]] == \
-        [(2, "malformed_json"), (3, "missing_text"), (4, "undecodable")]
+        [(2, "malformed_json"), (3, "missing_text"), (4, "undecodable"), (6, "undecodable")]
     _check_invariant(rep)
 
 
