@@ -112,6 +112,8 @@ class LoggingConfig(_Section):
     log_interval: int = Field(1, ge=1)
     tensorboard_dir: Optional[str] = None
     log_moe_expert_load: bool = True
+    # Peak TFLOP/s per device for 'mfu'; None: datasheet BF16 peak of known GPUs, else a measured GEMM peak (CPU).
+    peak_tflops_per_device: Optional[float] = Field(None, gt=0)
 
 
 class RunConfig(_Section):

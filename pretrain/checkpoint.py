@@ -1,0 +1,188 @@
+"""Checkpoints with Megatron-Core `dist_checkpointing`: written atomically, found again after any stop.
+
+Layout of a run directory (`checkpoint.save`):
+
+    <run>/<stage>/iter_0000040/      one dist_checkpointing checkpoint (torch_dist shards + common.pt + ...)
+    <run>/<stage>/iter_0000040/foldtron.json   what and where: stage, iteration, layout, tokens (read first)
+    <run>/<stage>/latest             the name of the newest complete checkpoint of the stage ("iter_0000040")
+
+A save goes to `iter_N.tmp/`, then (after every rank finished writing) is renamed to `iter_N/`, then `latest`
+is replaced (write + os.replace). A crash at any point leaves `latest` naming a complete checkpoint; leftover
+`*.tmp` directories are removed at the next save. Only the newest `keep_last` checkpoints of a stage are kept.
+
+Contents: the model's sharded_state_dict, the optimizer's (fully sharded in model space, so it reloads under
+another TP/PP/EP/DP layout), and common state: the LR scheduler, the loader state, step, consumed samples and
+tokens, NaN-skip counters. RNG states of every kind (python, numpy, torch CPU, CUDA, Megatron's model-parallel
+tracker) are saved per rank as sharded objects; they are restored when the layout is unchanged and reseeded
+from (seed, iteration) otherwise, since RNG streams have no meaning across a different rank layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+META = "foldtron.json"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+
+
+def iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    stage: str
+    iteration: int
+    meta: dict
+
+
+def latest(run_dir: Optional[str | Path], stage: str) -> Optional[CheckpointInfo]:
+    """The newest complete checkpoint of `stage` in `run_dir`, per its `latest` pointer (None if none)."""
+    if run_dir is None:
+        return None
+    sdir = Path(run_dir) / stage
+    ptr = sdir / "latest"
+    if not ptr.is_file():
+        return None
+    name = ptr.read_text().strip()
+    path = sdir / name
+    if not _ITER.match(name) or not (path / META).is_file():
+        raise RuntimeError(f"checkpoint pointer {ptr} names {name!r}, which is not a complete checkpoint "
+                           f"(missing {path / META}); remove the pointer to restart the stage")
+    meta = json.loads((path / META).read_text())
+    return CheckpointInfo(path, stage, int(meta["iteration"]), meta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def reseed(seed: int, iteration: int) -> None:
+    """New, layout-consistent RNG streams after a resume under another layout."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    s = seed + 100003 * iteration
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    model_parallel_cuda_manual_seed(s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharded state dicts
+
+def _layout_key(layout: Any, world: int) -> dict:
+    return {"layout": layout.model_dump(mode="json"), "world_size": world}
+
+
+def _sharded(model: Sequence, optimizer: Any, *, loading: bool, with_rng: bool, with_optimizer: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    if len(model) != 1:
+        raise NotImplementedError("checkpointing supports one model chunk per rank (virtual pipeline is off)")
+    sd: dict[str, Any] = {"model": model[0].sharded_state_dict()}
+    if with_optimizer:
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd["model"], is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+    if with_rng:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sd["rng_state"] = ShardedObject("rng_state", None if loading else rng_state(), (world,), (rank,),
+                                        replica_id=0)
+    return sd
+
+
+def save(run_dir: str | Path, stage: str, iteration: int, model: Sequence, optimizer: Any, *, common: dict,
+         layout: Any, keep_last: int, protect: Sequence[str] = ()) -> Path:
+    """Write `<run_dir>/<stage>/iter_N` atomically on all ranks; returns its path."""
+    from megatron.core import dist_checkpointing
+
+    sdir = Path(run_dir) / stage
+    final = sdir / iter_name(iteration)
+    tmp = sdir / (iter_name(iteration) + ".tmp")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        sdir.mkdir(parents=True, exist_ok=True)
+        for stale in sdir.glob("*.tmp"):
+            shutil.rmtree(stale)  # an interrupted earlier write
+        if final.exists():  # re-saving an iteration (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        tmp.mkdir()
+    dist.barrier()
+    sd = _sharded(model, optimizer, loading=False, with_rng=True, with_optimizer=True)
+    sd["common"] = dict(common, iteration=iteration, stage=stage, **_layout_key(layout, world))
+    dist_checkpointing.save(sd, str(tmp))
+    dist.barrier()
+    if rank == 0:
+        meta = {"stage": stage, "iteration": iteration, "world_size": world,
+                "layout": layout.model_dump(mode="json"),
+                **{k: common[k] for k in ("consumed_samples", "consumed_tokens") if k in common}}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, final)
+        ptr_tmp = sdir / "latest.tmp-ptr"
+        ptr_tmp.write_text(final.name + "\n")
+        os.replace(ptr_tmp, sdir / "latest")
+        _prune(sdir, keep_last, protect=set(protect) | {final.name})
+    dist.barrier()
+    return final
+
+
+def _prune(sdir: Path, keep_last: int, protect: set[str]) -> None:
+    done = sorted((int(m.group(1)), p) for p in sdir.iterdir() if (m := _ITER.match(p.name)) and (p / META).is_file())
+    for _, p in done[:-keep_last]:
+        if p.name not in protect:
+            shutil.rmtree(p)
+
+
+def load(info: CheckpointInfo, model: Sequence, optimizer: Any, *, layout: Any, full: bool) -> dict:
+    """Load `info` into model (and optimizer); returns its common state.
+
+    full=True: resume the same stage (RNG restored when the layout is the same). full=False: start a new stage
+    from this one's final weights and optimizer moments (scheduler, loader and step are the new stage's)."""
+    from megatron.core import dist_checkpointing
+
+    world = dist.get_world_size()
+    same_layout = info.meta.get("world_size") == world and info.meta.get("layout") == layout.model_dump(mode="json")
+    sd = _sharded(model, optimizer, loading=True, with_rng=full and same_layout, with_optimizer=True)
+    state = dist_checkpointing.load(sd, str(info.path))
+    model[0].load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if "rng_state" in state:
+        set_rng_state(state["rng_state"])
+    common = state.get("common", {})
+    common["_rng_restored"] = "rng_state" in state
+    return common

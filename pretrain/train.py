@@ -1,0 +1,405 @@
+"""The training loop: Megatron-Core DDP + optimizer + forward-backward schedules, stage after stage.
+
+    summary = run_training(cfg)          # on every rank of an initialised (or torchrun/srun) world
+
+One iteration is Megatron-LM's `train_step`: zero the grad buffers, run `get_forward_backward_func()` over the
+global batch's micro-batches (so PP runs its 1F1B schedule and grads are finalized once: DP reduce, SP norm
+grads, per-token scaling by the global number of loss tokens, MoE expert-bias update), then the optimizer step
+(clipping inside) and one scheduler step. The loss is Megatron's per-token loss: sum(loss * mask) over the
+global batch / number of mask tokens (`calculate_per_token_loss`), so micro-batch and DP splits do not change it.
+A NaN/Inf in the loss or in any gradient on any rank skips the update for every rank (the iteration and its data
+still count, as in Megatron), and `train.max_consecutive_nan_skips` in a row abort with a clear error.
+
+The model comes from a provider, `provider(model_cfg, *, pre_process, post_process, parallel_kwargs, precision)`,
+default `model.build.build_model`; tests and benchmarks may pass another one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import RunConfig
+from pretrain.stages import Stage, resolve
+
+log = logging.getLogger("foldtron.train")
+ModelProvider = Callable[..., torch.nn.Module]
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite iterations, or an unusable resume state."""
+
+
+def default_model_provider(model_cfg, *, pre_process: bool, post_process: bool, parallel_kwargs: dict,
+                           precision=None) -> torch.nn.Module:
+    from model.build import build_model, transformer_config
+
+    return build_model(model_cfg, pre_process=pre_process, post_process=post_process, precision=precision,
+                       config=transformer_config(model_cfg, **parallel_kwargs))
+
+
+def parallel_kwargs(stage: Stage) -> dict:
+    lay, bf16 = stage.parallel, stage.precision.recipe != "fp32"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return dict(tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp,
+                context_parallel_size=lay.cp, expert_model_parallel_size=lay.ep,
+                expert_tensor_parallel_size=lay.etp, sequence_parallel=lay.sequence_parallel,
+                params_dtype=dtype, bf16=bf16, pipeline_dtype=dtype, calculate_per_token_loss=True)
+
+
+def _print(msg: str) -> None:
+    """Megatron prints from the last rank (it holds the loss under PP)."""
+    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+        print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data
+
+def make_loader(cfg: RunConfig, stage: Stage, dp_rank: int, dp_size: int):
+    t = stage.train
+    if cfg.data.mock:
+        from pretrain.synthetic import SyntheticLoader
+
+        return SyntheticLoader(seq_length=t.seq_length, vocab_size=cfg.model.vocab_size,
+                               micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                               dp_rank=dp_rank, dp_size=dp_size, seed=cfg.data.seed, phase=stage.phase or stage.name)
+    if not cfg.data.shards_dir:
+        raise ValueError("data.shards_dir is not set: point it at `foldtron shards` output, or set data.mock=true "
+                         "for synthetic data")
+    if not cfg.data.curriculum:
+        raise ValueError("data.curriculum is not set: the loader needs the curriculum YAML naming the phases")
+    from data_pipeline.loader import BlendedLoader
+
+    return BlendedLoader(cfg.data.shards_dir, cfg.data.curriculum, phase=stage.phase or stage.name,
+                         seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                         global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                         seed=cfg.data.seed, num_workers=cfg.data.num_workers)
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron-LM's pretrain loss_func with per-token averaging: (sum, tokens, report)."""
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def _forward_step(data_iterator, model):
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    batch = next(data_iterator)
+    batch = {k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    batch = get_batch_on_this_cp_rank(batch)
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return out, partial(_loss_func, batch["loss_mask"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# MoE expert load: counts are read just before finalize_model_grads consumes them (expert-bias update).
+
+class _ExpertLoadProbe:
+    def __init__(self, model, finalize):
+        self.routers = []
+        for chunk in model:
+            for name, m in chunk.named_modules():
+                if getattr(m, "local_tokens_per_expert", None) is not None:
+                    hit = re.search(r"layers\.(\d+)\.", name)
+                    tag = f"layer_{hit.group(1)}" if hit and not name.startswith(("mtp", "module.mtp")) else name
+                    self.routers.append((tag if "mtp" not in name else "mtp_" + tag, m))
+        self.finalize, self.want, self.counts = finalize, False, None
+
+    def __call__(self, *args, **kwargs):
+        if self.want and self.routers:
+            self.counts = torch.stack([m.local_tokens_per_expert.detach().float().clone() for _, m in self.routers])
+        return self.finalize(*args, **kwargs)
+
+    def scalars(self) -> dict[str, float]:
+        """Collective over TPxCPxDP: every rank calls it on log steps."""
+        if self.counts is None:
+            return {}
+        from megatron.core import parallel_state as ps
+
+        c = self.counts
+        dist.all_reduce(c, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        self.counts = None
+        ratio = c.max(dim=1).values / c.mean(dim=1).clamp(min=1e-9)
+        return {f"moe/{tag}/expert-load-max-over-mean": float(r) for (tag, _), r in zip(self.routers, ratio)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# One stage
+
+def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider):
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.module import Float16Module
+
+    from pretrain.optimizer import build_optimizer, install_grad_sync, wrap_ddp
+    from pretrain.schedules import build_scheduler
+
+    if stage.parallel.vpp:
+        raise ValueError(f"stage {stage.name}: virtual pipeline (parallel.vpp) is not supported by the loop yet")
+    bf16 = stage.precision.recipe != "fp32"
+    chunk = provider(cfg.model, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                     parallel_kwargs=parallel_kwargs(stage), precision=stage.precision)
+    chunk.config.calculate_per_token_loss = True
+    if bf16:
+        chunk = Float16Module(chunk.config, chunk)
+    model = wrap_ddp([chunk], stage.parallel, bf16)
+    install_grad_sync(model)
+    optimizer = build_optimizer(model, stage.train, stage.parallel, bf16)
+    scheduler = build_scheduler(optimizer, stage.train)
+    return model, optimizer, scheduler
+
+
+def _clear_trackers() -> None:
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    clear_aux_losses_tracker()
+    MTPLossLoggingHelper.tracker.clear()
+
+
+def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: ModelProvider, stop,
+                run_state: dict) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    from parallel import groups
+    from pretrain.flops import train_flops_per_token
+    from pretrain.optimizer import grads_finite, optimizer_step, params_norm
+    from pretrain.tensorboard_log import TrainLogger, memory_scalars, peak_tflops, stdout_line
+
+    t = stage.train
+    save_dir, load_dir = cfg.checkpoint.save, cfg.checkpoint.load or cfg.checkpoint.save
+    groups.setup(stage.parallel, seed=t.seed)
+    try:
+        world = dist.get_world_size()
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(f"stage {stage.name}: global_batch_size {t.global_batch_size} is not a multiple of "
+                             f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
+        if t.seq_length % (2 * stage.parallel.cp) and stage.parallel.cp > 1:
+            raise ValueError(f"stage {stage.name}: seq_length {t.seq_length} must divide into 2*cp="
+                             f"{2 * stage.parallel.cp} chunks for context parallelism")
+        num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        model, optimizer, scheduler = _build(cfg, stage, provider)
+        loader = make_loader(cfg, stage, dp_rank, dp)
+
+        # ---- where to start
+        iteration, resumed_from, start_from = 0, None, None
+        tokens_before = run_state.get("consumed_tokens", 0)
+        counters = {"skipped": 0, "nan": 0}
+        info = ckpt.latest(load_dir, stage.name)
+        if info is not None:
+            common = ckpt.load(info, model, optimizer, layout=stage.parallel, full=True)
+            scheduler.load_state_dict(common["scheduler"])
+            loader.load_state_dict(common["loader"])
+            iteration, resumed_from = int(common["iteration"]), int(common["iteration"])
+            tokens_before = int(common["consumed_tokens"]) - int(common["stage_tokens"])
+            counters = dict(common.get("counters", counters))
+            if not common["_rng_restored"]:
+                ckpt.reseed(t.seed, iteration)
+            _print(f" [{stage.name}] resumed from {info.path} (iteration {iteration}"
+                   f"{'' if common['_rng_restored'] else ', new layout: RNG reseeded'})")
+        elif stage.index > 0:
+            prev = stages[stage.index - 1]
+            pinfo = ckpt.latest(load_dir, prev.name)
+            if pinfo is None or pinfo.iteration != prev.train.train_iters:
+                raise TrainingAborted(
+                    f"stage {stage.name} starts from the final checkpoint of stage {prev.name}, but "
+                    f"{Path(load_dir or '?') / prev.name} has "
+                    + ("none" if pinfo is None else f"only iteration {pinfo.iteration}/{prev.train.train_iters}"))
+            ckpt.load(pinfo, model, optimizer, layout=stage.parallel, full=False)
+            scheduler.step(0)  # the loaded param groups carry the old stage's LR
+            tokens_before = int(pinfo.meta.get("consumed_tokens", tokens_before))
+            start_from = str(pinfo.path)
+            _print(f" [{stage.name}] starting from {pinfo.path}")
+        step_offset = sum(s.train.train_iters for s in stages[: stage.index])
+
+        # ---- logging set-up
+        is_last = dist.get_rank() == world - 1
+        logger = TrainLogger(cfg.logging.tensorboard_dir, is_last, stage.name)
+        tokens_per_iter = t.global_batch_size * t.seq_length
+        flops_per_iter = train_flops_per_token(cfg.model, t.seq_length) * tokens_per_iter
+        peak, peak_src = peak_tflops(cfg.logging.peak_tflops_per_device,
+                                     torch.float32 if stage.precision.recipe == "fp32" else torch.bfloat16)
+        n_moe = cfg.model.all_symbols.count("E") if cfg.model.mtp_num_layers else cfg.model.hybrid_override_pattern.count("E")
+        probe = _ExpertLoadProbe(model, model[0].config.finalize_model_grads_func)
+        model[0].config.finalize_model_grads_func = probe
+        contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+        fwd_bwd = get_forward_backward_func()
+        data_iter = iter(loader)
+        history: list[tuple[int, float]] = []
+        times: list[float] = []
+        consecutive, exit_reason, last_path = 0, None, info.path if info else None
+        for m in model:
+            m.train()
+        while iteration < t.train_iters:
+            log_step = (iteration + 1) % cfg.logging.log_interval == 0 or iteration + 1 == t.train_iters
+            probe.want = log_step and cfg.logging.log_moe_expert_load
+            t0 = time.perf_counter()
+            for m in model:
+                m.zero_grad_buffer()
+            optimizer.zero_grad()
+            reduced = fwd_bwd(forward_step_func=_forward_step, data_iterator=data_iter, model=model,
+                              num_microbatches=num_micro, seq_length=t.seq_length,
+                              micro_batch_size=t.micro_batch_size, forward_only=False)
+            if contributes and reduced:
+                rep = torch.stack([r["lm loss"] for r in reduced]).double().sum(0)
+            else:
+                rep = torch.zeros(2, dtype=torch.float64)
+            finite = bool(torch.isfinite(rep).all()) and grads_finite(model)
+            red = torch.cat([rep, torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)])
+            dist.all_reduce(red)
+            loss = float(red[0] / red[1].clamp(min=1))
+            grad_norm = None
+            if red[2] > 0:
+                consecutive += 1
+                counters["nan"] += 1
+                counters["skipped"] += 1
+                _print(f" [{stage.name}] iteration {iteration + 1}: non-finite loss or gradient on "
+                       f"{int(red[2])} rank(s); update skipped ({consecutive} in a row)")
+                if consecutive >= t.max_consecutive_nan_skips:
+                    raise TrainingAborted(
+                        f"stage {stage.name}: {consecutive} consecutive iterations had a NaN/Inf loss or gradient "
+                        f"(train.max_consecutive_nan_skips={t.max_consecutive_nan_skips}); last at iteration "
+                        f"{iteration + 1}. Lower train.lr, check the data, or resume from an earlier checkpoint.")
+            else:
+                consecutive = 0
+                ok, grad_norm, _ = optimizer_step(optimizer)
+                if ok:
+                    scheduler.step(1)
+                else:
+                    counters["skipped"] += 1
+            iteration += 1
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            history.append((iteration, loss))
+            stage_tokens = iteration * tokens_per_iter
+            consumed = tokens_before + stage_tokens
+
+            # Megatron's trackers reduce across ranks every step (they accumulate otherwise).
+            aux: dict[str, Any] = {}
+            if n_moe:
+                track_moe_metrics(loss_scale=1.0 / num_micro, iteration=iteration, writer=None, total_loss_dict=aux,
+                                  moe_layer_freq=[1] * n_moe)
+            if cfg.model.mtp_num_layers:
+                MTPLossLoggingHelper.track_mtp_metrics(1.0 / num_micro, iteration, None, total_loss_dict=aux)
+            if log_step:
+                values = {
+                    "lm loss": loss, "learning-rate": _lr(optimizer),
+                    "grad-norm": None if grad_norm is None else float(grad_norm),
+                    "params-norm": params_norm(model), "batch-size": float(t.global_batch_size),
+                    "iteration-time": dt, "tokens-per-sec": tokens_per_iter / dt,
+                    "throughput": flops_per_iter / dt / world / 1e12,
+                    "consumed-tokens": float(consumed), "skipped-iterations": float(counters["skipped"]),
+                    "nan-iterations": float(counters["nan"]),
+                }
+                values["mfu"] = values["throughput"] / peak
+                mtp = [float(v) for k, v in aux.items() if re.fullmatch(r"mtp_\d+ loss", k)]
+                for k, v in aux.items():
+                    values[k] = float(v)
+                if mtp:
+                    values["mtp loss"] = sum(mtp) / len(mtp)
+                values.update(memory_scalars())
+                values.update(probe.scalars())
+                for src, n in getattr(loader, "source_counts", {}).items():
+                    values[f"data/source-fraction/{src}"] = n / t.global_batch_size
+                logger.scalars(values, step_offset + iteration, consumed)
+                _print(stdout_line(stage.name, iteration, t.train_iters, values))
+
+            reason = stop.check()
+            done = iteration == t.train_iters
+            if save_dir and (done or reason or iteration % cfg.checkpoint.save_interval == 0):
+                common = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
+                          "consumed_samples": iteration * t.global_batch_size, "stage_tokens": stage_tokens,
+                          "consumed_tokens": consumed, "counters": dict(counters)}
+                last_path = ckpt.save(save_dir, stage.name, iteration, model, optimizer, common=common,
+                                      layout=stage.parallel, keep_last=cfg.checkpoint.keep_last)
+                _print(f" [{stage.name}] saved checkpoint {last_path}")
+            if reason and not done:
+                exit_reason = reason
+                _print(f" [{stage.name}] stopping at iteration {iteration} ({reason}); "
+                       f"exit code {cfg.checkpoint.requeue_exit_code} asks for a requeue")
+                break
+        logger.close()
+        run_state["consumed_tokens"] = tokens_before + iteration * tokens_per_iter
+        steady = times[1:] or times
+        return {
+            "name": stage.name, "iterations": [i for i, _ in history], "losses": [v for _, v in history],
+            "resumed_from": resumed_from, "started_from": start_from, "final_iteration": iteration,
+            "completed": iteration == t.train_iters, "exit": exit_reason,
+            "tokens_per_sec": (tokens_per_iter * len(steady) / sum(steady)) if steady else None,
+            "checkpoint": None if last_path is None else str(last_path), "layout": stage.parallel.model_dump(),
+            "skipped_iterations": counters["skipped"], "peak_tflops": peak, "peak_source": peak_src,
+        }
+    finally:
+        _clear_trackers()
+        groups.teardown()
+
+
+def _lr(optimizer) -> float:
+    from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+
+    lr = get_canonical_lr_for_logging(optimizer.param_groups)
+    return float(lr if lr is not None else optimizer.param_groups[0]["lr"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+
+def run_training(cfg: RunConfig, *, model_provider: Optional[ModelProvider] = None) -> dict:
+    """Run (or resume) every stage of `cfg`; returns a summary (losses per stage, tokens/s, paths, exit).
+
+    Starts torch.distributed from torchrun's/Slurm's environment (or as one process) unless it already runs.
+    `summary["exit_code"]` is 0 when all stages completed, `checkpoint.requeue_exit_code` after a signal or
+    the exit-duration limit (the state is saved; run the same command again to continue)."""
+    from model import mcore_compat
+    from pretrain.launch import init_distributed
+    from pretrain.signals import StopRequests
+
+    mcore_compat.apply()
+    stages = resolve(cfg)  # config errors before any process group starts
+    if cfg.model.mtp_num_layers and any(s.parallel.pp > 1 for s in stages):
+        raise ValueError("model.mtp_num_layers > 0 needs pp=1 in every stage (hybrid MTP shares the embedding)")
+    init_distributed()
+    stop = StopRequests(cfg.train.exit_duration_in_mins).install()
+    summary: dict[str, Any] = {"stages": [], "run_dir": cfg.checkpoint.save,
+                               "tensorboard_dir": cfg.logging.tensorboard_dir, "world_size": dist.get_world_size()}
+    run_state: dict[str, Any] = {}
+    exit_reason = None
+    try:
+        for stage in stages:
+            info = ckpt.latest(cfg.checkpoint.load or cfg.checkpoint.save, stage.name)
+            if info is not None and info.iteration >= stage.train.train_iters:
+                run_state["consumed_tokens"] = int(info.meta.get("consumed_tokens", 0))
+                summary["stages"].append({"name": stage.name, "completed": True, "skipped_already_done": True,
+                                          "checkpoint": str(info.path), "iterations": [], "losses": []})
+                continue
+            res = train_stage(cfg, stages, stage, model_provider or default_model_provider, stop, run_state)
+            summary["stages"].append(res)
+            if res["exit"]:
+                exit_reason = res["exit"]
+                break
+    finally:
+        stop.uninstall()
+    summary["exit"] = exit_reason or "completed"
+    summary["exit_code"] = cfg.checkpoint.requeue_exit_code if exit_reason else 0
+    summary["consumed_tokens"] = run_state.get("consumed_tokens", 0)
+    if any(math.isnan(x) for s in summary["stages"] for x in s.get("losses", [])):
+        summary["has_nan_losses"] = True
+    return summary
