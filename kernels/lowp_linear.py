@@ -99,7 +99,10 @@ class LowPrecisionLinearFn(torch.autograd.Function):
             y = y + bias.float()
         ctx.save_for_backward(x, weight)
         ctx.fmt, ctx.opts, ctx.seed, ctx.probe, ctx.has_bias = fmt, opts, seed, probe, bias is not None
-        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        out = y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        # a view of a tensor made here must not leave a custom Function (callers such as Megatron's
+        # cross-entropy modify outputs in place), so return an owning tensor
+        return out.clone() if out._base is not None else out
 
     @staticmethod
     def backward(ctx, dy):
