@@ -5,12 +5,15 @@ Three sources, written as a sources YAML that `foldtron curate` reads (users rep
   python_code  the standard library's own modules (a code source, one document per file)
   python_docs  prose: the reference-manual topics shipped in `pydoc_data` and, per stdlib module, its module,
                class and function docstrings (extracted with `ast`, nothing is imported or executed)
-  manpages     system manual pages (sections 5 and 7), where the machine has them
+  manpages     system manual pages (sections 5 and 7), where the machine has them, rendered from troff to
+               plain text (raw troff fails most prose filters on its markup, not on its text)
 """
 from __future__ import annotations
 
 import ast
+import gzip
 import json
+import re
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -79,6 +82,72 @@ def write_python_docs(out: Path) -> int:
     return n
 
 
+_ESCAPES = {r"\-": "-", r"\[aq]": "'", r"\(aq": "'", r"\[dq]": '"', r"\(dq": '"', r"\[em]": "\u2014",
+            r"\(em": "\u2014", r"\[en]": "\u2013", r"\(en": "\u2013", r"\[bu]": "\u2022", r"\(bu": "\u2022",
+            r"\e": "\\", r"\ ": " ", r"\~": " ", r"\&": "", r"\/": "", r"\,": "", r"\|": "", r"\^": "", r"\:": ""}
+_ESCAPE_RE = re.compile("|".join(re.escape(k) for k in sorted(_ESCAPES, key=len, reverse=True)))
+_FONT_RE = re.compile(r"\\f(\[[^\]]*\]|\(..|.)")
+_OTHER_RE = re.compile(r"\\(\[[^\]]*\]|\(..|\*\(..|\*.|s[-+]?\d|.)")
+_ALTERNATING = {"BR", "RB", "IR", "RI", "BI", "IB"}
+
+
+def _inline(text: str) -> str:
+    text = _FONT_RE.sub("", text)
+    text = _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(0)], text)
+    return _OTHER_RE.sub("", text)
+
+
+def _args(rest: str) -> list[str]:
+    return [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', rest)]
+
+
+def render_man(source: str) -> str:
+    """A small troff (man macros) to plain-text renderer: headings, paragraphs, font macros and the common
+    escapes. Enough to turn a manual page into the prose a reader sees; tables and equations stay as text."""
+    out: list[str] = []
+    for line in source.splitlines():
+        if line.startswith(('.\\"', "'\\\"", '.\\}', "\\\"")):
+            continue
+        if line.startswith((".", "'")):
+            macro, _, rest = line[1:].strip().partition(" ")
+            if macro in ("SH", "SS"):
+                out.append("\n" + _inline(" ".join(_args(rest))) + "\n")
+            elif macro in ("PP", "P", "LP", "TP", "sp", "br", "HP"):
+                out.append("")
+            elif macro == "IP":
+                out.append("")
+                if rest:
+                    out.append(_inline(_args(rest)[0]) + " ")
+            elif macro in ("B", "I", "SM", "SB"):
+                out.append(_inline(" ".join(_args(rest))))
+            elif macro in _ALTERNATING:
+                out.append(_inline("".join(_args(rest))))
+            continue  # other requests (TH, RS, RE, nf, fi, ...) carry layout only
+        out.append(_inline(line))
+    text = "\n".join(out)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"(?<=[^\n])\n(?=[^\n])", " ", text)  # join filled lines into paragraphs
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def write_manpages(man_dirs: list[Path], out: Path) -> int:
+    """Render every page under `man_dirs` to plain text, one JSONL record each; returns the count."""
+    n = 0
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for d in man_dirs:
+            for page in sorted(d.iterdir()):
+                if not page.is_file():
+                    continue
+                raw = gzip.open(page).read() if page.suffix == ".gz" else page.read_bytes()
+                text = render_man(raw.decode("utf-8", errors="replace"))
+                if text.strip() and not text.startswith(".so"):
+                    f.write(json.dumps({"text": text, "title": f"man:{d.name}/{page.name}"}) + "\n")
+                    n += 1
+    tmp.replace(out)
+    return n
+
+
 def build_default_corpus(out_dir: str | Path, man_root: str | Path = "/usr/share/man") -> Path:
     """Write OUT/corpus/python_docs.jsonl and OUT/corpus/sources.yaml; return the sources YAML path."""
     out = Path(out_dir) / "corpus"
@@ -86,15 +155,18 @@ def build_default_corpus(out_dir: str | Path, man_root: str | Path = "/usr/share
     if not docs.exists():
         write_python_docs(docs)
     sources: list[dict[str, Any]] = [
+        # A few stdlib files are not UTF-8: count and skip them rather than stop the run.
         {"name": "python_code", "kind": "code_tree", "paths": [str(stdlib_dir())],
-         "include": CODE_INCLUDE, "exclude": CODE_EXCLUDE, "language": "python"},
+         "include": CODE_INCLUDE, "exclude": CODE_EXCLUDE, "language": "python", "on_bad_input": "skip"},
         {"name": "python_docs", "kind": "jsonl", "paths": [str(docs)], "text_field": "text",
          "keep_fields": ["title"]},
     ]
     man = Path(man_root)
-    man_dirs = [str(man / s) for s in MAN_SECTIONS if (man / s).is_dir() and any((man / s).iterdir())]
-    if man_dirs:
-        sources.append({"name": "manpages", "kind": "text_tree", "paths": man_dirs, "include": ["*"]})
+    man_dirs = [man / s for s in MAN_SECTIONS if (man / s).is_dir() and any((man / s).iterdir())]
+    pages = out / "manpages.jsonl"
+    if man_dirs and (pages.exists() or write_manpages(man_dirs, pages)):
+        sources.append({"name": "manpages", "kind": "jsonl", "paths": [str(pages)], "text_field": "text",
+                        "keep_fields": ["title"]})
     path = out / "sources.yaml"
     path.write_text("# The quickstart's embedded corpus (data_pipeline/corpus.py); replace with your own sources.\n"
                     + yaml.safe_dump({"sources": sources}, sort_keys=False))

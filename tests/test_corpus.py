@@ -20,3 +20,12 @@ def test_default_corpus(tmp_path):
     before = (tmp_path / "corpus" / "python_docs.jsonl").stat().st_mtime_ns
     build_default_corpus(tmp_path)
     assert (tmp_path / "corpus" / "python_docs.jsonl").stat().st_mtime_ns == before
+
+
+def test_render_man_page():
+    from data_pipeline.corpus import render_man
+
+    src = ('.\\" comment\n.TH glob 7\n.SH NAME\nglob \\- globbing pathnames\n.SH DESCRIPTION\n'
+           'A library routine\n.BR glob (3)\nexists.\n.PP\nIt matches \\[aq]?\\[aq] and \\fIfiles\\fP.\n')
+    text = render_man(src)
+    assert text == "NAME\n\nglob - globbing pathnames\n\nDESCRIPTION\n\nA library routine glob(3) exists.\n\nIt matches '?' and files.\n"
