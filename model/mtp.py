@@ -79,6 +79,16 @@ class HybridMTPBlock(MegatronModule):
         self.depths = depths
         self.layers = torch.nn.ModuleList([layer])
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Delegate to the shared layer's own sharded_state_dict. MegatronModule's default treats the `layers`
+        ModuleList as plain tensors (no sharded_state_dict on ModuleList): TP shards were saved as replicated
+        full tensors (TP rank 0's only) and every EP rank's local experts under the same key (experts of
+        EP rank > 0 lost). Found by the HF export tests (tests/test_export_hf.py, TP2/EP2 layouts)."""
+        sd = {}
+        for i, layer in enumerate(self.layers):
+            sd.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+        return sd
+
     def forward(self, input_ids, position_ids, hidden_states, attention_mask, embedding,
                 packed_seq_params: Optional[object] = None) -> torch.Tensor:
         outs = [hidden_states]
