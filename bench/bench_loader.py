@@ -53,7 +53,6 @@ def ours(shards: Path, curriculum: dict, workers: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    from data_pipeline.manifest import load_manifests
     from data_pipeline.shards import iter_documents, list_curated, write_shards
     from data_pipeline.tokenizer import TrainConfig, train_bpe
 
