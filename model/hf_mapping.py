@@ -16,7 +16,7 @@ Numerics the HF side must be told (pitfalls found by the parity test):
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -149,3 +149,145 @@ def megatron_to_hf(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dic
         except KeyError as e:
             raise KeyError(f"no HF name for Foldtron parameter {key!r} ({e})") from None
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reverse: HF NemotronH -> Foldtron (import of released checkpoints)
+
+#: The one pre-norm of a layer lives in a different Megatron module per layer kind.
+_NORM_OF = {"M": "mixer.in_proj.layer_norm_weight", "*": "self_attention.linear_qkv.layer_norm_weight",
+            "-": "mlp.linear_fc1.layer_norm_weight", "E": "pre_mlp_layernorm.weight"}
+_FROM_HF = {
+    "*": {"mixer.o_proj.weight": "self_attention.linear_proj.weight"},
+    "-": {"mixer.up_proj.weight": "mlp.linear_fc1.weight", "mixer.down_proj.weight": "mlp.linear_fc2.weight"},
+    "E": {"mixer.gate.weight": "mlp.router.weight", "mixer.gate.e_score_correction_bias": "mlp.router.expert_bias",
+          "mixer.shared_experts.up_proj.weight": "mlp.shared_experts.linear_fc1.weight",
+          "mixer.shared_experts.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
+          "mixer.fc1_latent_proj.weight": "mlp.fc1_latent_proj.weight",
+          "mixer.fc2_latent_proj.weight": "mlp.fc2_latent_proj.weight"},
+}
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Megatron's fused QKV layout: per query group, its query heads then its key then its value head."""
+    ng, dh = cfg.num_query_groups, cfg.kv_channels
+    qpg = cfg.num_attention_heads // ng
+    h = q.shape[-1]
+    return torch.cat([q.reshape(ng, qpg * dh, h), k.reshape(ng, dh, h), v.reshape(ng, dh, h)], dim=1).reshape(-1, h)
+
+
+def _layer_from_hf(sub: str, t: torch.Tensor, sym: str) -> str:
+    """Megatron suffix (after `layers.N.`) of HF suffix `sub` in a layer of kind `sym` (q/k/v handled apart)."""
+    if sub == "norm.weight":
+        return _NORM_OF[sym]
+    if sym == "M" and sub in _MAMBA_KEYS:
+        return sub
+    if sub in _FROM_HF.get(sym, {}):
+        return _FROM_HF[sym][sub]
+    if sym == "E" and (m := re.fullmatch(r"mixer\.experts\.(\d+)\.(up|down)_proj\.weight", sub)):
+        return f"mlp.experts.local_experts.{m.group(1)}.linear_fc{1 if m.group(2) == 'up' else 2}.weight"
+    raise KeyError(sub)
+
+
+def hf_to_megatron(hf_sd: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """HF NemotronH tensors -> Foldtron names (CPU expert naming `experts.local_experts.{e}`, which the
+    checkpoint stores under global expert indices whatever the layout). The inverse of `megatron_to_hf`; works
+    on any subset (one layer at a time), but an attention layer's q/k/v must come together. Unknown names are an
+    error, never dropped. Tensors are passed through (no copy) except the fused QKV."""
+    out: Dict[str, torch.Tensor] = {}
+    pattern, mtp_pattern = cfg.hybrid_override_pattern, cfg.mtp_hybrid_override_pattern or ""
+    L = len(mtp_pattern)
+    qkv: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, t in hf_sd.items():
+        try:
+            if key == "backbone.embeddings.weight":
+                out["embedding.word_embeddings.weight"] = t
+            elif key == "backbone.norm_f.weight":
+                out["decoder.final_norm.weight"] = t
+            elif key == "lm_head.weight":
+                out["output_layer.weight"] = t
+            else:
+                if m := re.fullmatch(r"backbone\.layers\.(\d+)\.(.+)", key):
+                    n = int(m.group(1))
+                    if n >= len(pattern):
+                        raise KeyError(f"layer {n} but the pattern has {len(pattern)} layers")
+                    prefix, sym, sub = f"decoder.layers.{n}.", pattern[n], m.group(2)
+                elif m := re.fullmatch(r"mtp\.layers\.(\d+)\.(eh_proj|enorm|hnorm|final_layernorm)\.weight", key):
+                    o, i = divmod(int(m.group(1)), L) if L else (0, -1)
+                    if i != (L - 1 if m.group(2) == "final_layernorm" else 0) or o >= max(cfg.mtp_num_layers, 1):
+                        raise KeyError(f"{m.group(2)} does not belong to MTP layer {m.group(1)}")
+                    out[f"mtp.layers.{o}.{m.group(2)}.weight"] = t
+                    continue
+                elif (m := re.fullmatch(r"mtp\.layers\.(\d+)\.(.+)", key)) and L and cfg.mtp_num_layers:
+                    o, i = divmod(int(m.group(1)), L)
+                    prefix, sym, sub = f"mtp.layers.{o}.mtp_model_layer.layers.{i}.", mtp_pattern[i], m.group(2)
+                else:
+                    raise KeyError(key)
+                if sym == "*" and (q := re.fullmatch(r"mixer\.([qkv])_proj\.weight", sub)):
+                    qkv.setdefault(prefix, {})[q.group(1)] = t
+                    continue
+                out[prefix + _layer_from_hf(sub, t, sym)] = t
+        except KeyError as e:
+            raise KeyError(f"no Foldtron name for HF tensor {key!r} ({e})") from None
+    for prefix, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise KeyError(f"attention layer {prefix} has {sorted(parts)} of q/k/v; all three are needed to fuse QKV")
+        out[prefix + "self_attention.linear_qkv.weight"] = fuse_qkv(parts["q"], parts["k"], parts["v"], cfg)
+    return out
+
+
+_KIND_OF_BLOCK = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-",
+                  "moe": "E"}
+
+
+def _pattern_from_hf(d: Dict[str, Any], pattern_key: str, list_key: str) -> Optional[str]:
+    if d.get(pattern_key):
+        return d[pattern_key]
+    if d.get(list_key):
+        try:
+            return "".join(_KIND_OF_BLOCK[b] for b in d[list_key])
+        except KeyError as e:
+            raise ValueError(f"config.json {list_key} has unknown block type {e}") from None
+    return None
+
+
+def model_config_from_hf(d: Dict[str, Any], **overrides: Any) -> ModelConfig:
+    """ModelConfig from a NemotronH config.json dict (released or transformers-5 keys). Settings Foldtron's model
+    cannot represent (biases, another activation, tied embeddings, grouped routing) are errors naming the key.
+    Training-only fields (aux-loss coefficient, bias update rate, MTP loss weight) keep Foldtron's defaults unless
+    given in `overrides`."""
+    if d.get("model_type") != "nemotron_h":
+        raise ValueError(f"config.json model_type is {d.get('model_type')!r}, expected 'nemotron_h'")
+    must = {"mlp_hidden_act": "relu2", "attention_bias": False, "mlp_bias": False, "mamba_proj_bias": False,
+            "use_conv_bias": True, "tie_word_embeddings": False, "n_group": 1, "topk_group": 1}
+    bad = [f"{k}={d[k]!r} (Foldtron supports {v!r})" for k, v in must.items() if k in d and d[k] != v]
+    if d.get("n_routed_experts") and d.get("norm_topk_prob") is False:
+        bad.append("norm_topk_prob=False (Foldtron normalises top-k weights)")
+    if bad:
+        raise ValueError("config.json asks for what Foldtron's model does not implement: " + "; ".join(bad))
+    pattern = _pattern_from_hf(d, "hybrid_override_pattern", "layers_block_type")
+    if not pattern:
+        raise ValueError("config.json has neither hybrid_override_pattern nor layers_block_type")
+    f: Dict[str, Any] = dict(
+        hybrid_override_pattern=pattern, num_layers=len(pattern), hidden_size=d["hidden_size"],
+        vocab_size=d["vocab_size"], num_attention_heads=d["num_attention_heads"],
+        num_query_groups=d.get("num_key_value_heads") or d["num_attention_heads"],
+        kv_channels=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+        ffn_hidden_size=d["intermediate_size"], mamba_num_heads=d["mamba_num_heads"],
+        mamba_head_dim=d["mamba_head_dim"], mamba_state_dim=d["ssm_state_size"], mamba_num_groups=d["n_groups"],
+        mamba_conv_kernel=d["conv_kernel"], mamba_chunk_size=d["chunk_size"],
+        layernorm_epsilon=d["layer_norm_epsilon"], init_method_std=d.get("initializer_range", 0.02),
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+    )
+    if "E" in pattern or d.get("n_routed_experts"):
+        shared = d.get("moe_shared_expert_intermediate_size") if d.get("n_shared_experts", 1) else None
+        f.update(num_moe_experts=d["n_routed_experts"], moe_router_topk=d["num_experts_per_tok"],
+                 moe_ffn_hidden_size=d["moe_intermediate_size"], moe_shared_expert_intermediate_size=shared or None,
+                 moe_latent_size=d.get("moe_latent_size"),
+                 moe_router_topk_scaling_factor=d.get("routed_scaling_factor", 1.0))
+    if d.get("num_nextn_predict_layers"):
+        f.update(mtp_num_layers=d["num_nextn_predict_layers"],
+                 mtp_hybrid_override_pattern=_pattern_from_hf(d, "mtp_hybrid_override_pattern",
+                                                              "mtp_layers_block_type"))
+    f.update(overrides)
+    return ModelConfig(**f)

@@ -1,0 +1,399 @@
+"""Foldtron distributed checkpoint -> Hugging Face NemotronH checkpoint (the layout of the released Nemotron 3
+models), streamed one layer at a time.
+
+Why this shape:
+- Reading: Megatron-Core's `dist_checkpointing.load` reshards any saved layout (TP/EP/PP, the Mamba in_proj and
+  conv1d split into z/x/B/C/dt parts, experts under global indices) into the tensors of a 1-process model. We
+  build that model on the meta device (no memory), take its sharded_state_dict, and load it one unit (a decoder
+  layer, the MTP block's inner layer, the embedding, ...) at a time into freshly allocated CPU tensors, so peak
+  memory is one unit plus the safetensors shard being filled, never the whole model.
+- The checkpoint's tensor list (its `.metadata`) is checked against the model config before anything is read:
+  a missing, extra or mis-shaped tensor is an error naming the tensor and the checkpoint.
+- Names: model/hf_mapping.py (`megatron_to_hf`). Router weight and expert-score bias stay fp32 in a bf16 export
+  (transformers keeps them fp32 anyway: `_keep_in_fp32_modules_strict`), so they round-trip losslessly.
+- The output is written to `<output>.tmp-<pid>` and renamed at the end: a failed export never leaves a
+  directory that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+
+from model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: HF's default `max_shard_size` ("5GB"); one shard is the writer's buffer, so this bounds its memory too.
+DEFAULT_SHARD_BYTES = 5 * 10**9
+#: Kept in fp32 whatever the export dtype (HF NemotronH computes the router in fp32).
+FP32_NAMES = re.compile(r".*\.mixer\.gate\.(weight|e_score_correction_bias)$")
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
+META = "foldtron.json"
+
+
+class ExportError(ValueError):
+    """A checkpoint or HF directory that cannot be converted; the message names the tensor and file."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding the checkpoint and its model config
+
+def resolve_checkpoint(path: Union[str, Path]) -> Tuple[Path, dict]:
+    """An iteration directory (has `.metadata`), a stage directory (has `latest`) or a run directory (stages with
+    `latest`; the most recently written one wins) -> (iteration dir, its foldtron.json or {})."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ExportError(f"checkpoint {p} does not exist or is not a directory")
+
+    def meta_of(d: Path) -> dict:
+        return json.loads((d / META).read_text()) if (d / META).is_file() else {}
+
+    if (p / ".metadata").is_file():
+        return p, meta_of(p)
+    from pretrain import checkpoint as ckpt
+
+    if (p / "latest").is_file():
+        info = ckpt.latest(p.parent, p.name)
+        return info.path, info.meta
+    stages = [d for d in sorted(p.iterdir()) if (d / "latest").is_file()]
+    if not stages:
+        raise ExportError(f"{p} is not a checkpoint: no `.metadata` (an iteration directory), no `latest` "
+                          "(a stage directory) and no stage directories with `latest` (a run directory)")
+    infos = [ckpt.latest(p, d.name) for d in stages]
+    info = max(infos, key=lambda i: (i.path / META).stat().st_mtime)
+    return info.path, info.meta
+
+
+def resolve_config(config: Any, meta: dict) -> Tuple[ModelConfig, Optional[str]]:
+    """(model config, tokenizer.json path or None) from an explicit config (RunConfig, ModelConfig, YAML path)
+    or from what the checkpoint recorded in foldtron.json (`model`, `tokenizer`)."""
+    if config is None:
+        if "model" in meta:
+            return ModelConfig(**meta["model"]), meta.get("tokenizer")
+        raise ExportError("the checkpoint does not record its model config (foldtron.json has no `model`); "
+                          "pass the run config: --config RUN.yaml (or config=... in Python)")
+    if isinstance(config, ModelConfig):
+        return config, meta.get("tokenizer")
+    if isinstance(config, (str, Path)):
+        from pretrain.config import load_config
+
+        config = load_config(config)
+    from pretrain.config import RunConfig
+
+    if isinstance(config, RunConfig):
+        return config.model, config.data.tokenizer or meta.get("tokenizer")
+    raise TypeError(f"config must be a RunConfig, ModelConfig or YAML path, got {type(config).__name__}")
+
+
+def single_process_state() -> None:
+    """Megatron-Core parallel state for one process (the export reads whole tensors: TP = EP = PP = 1)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from model.build import init_single_process
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("HF export/import runs in one process (dist_checkpointing reshards any layout into it); "
+                           f"this one is rank {dist.get_rank()} of {dist.get_world_size()}")
+    if ps.model_parallel_is_initialized():
+        sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                 ps.get_expert_model_parallel_world_size())
+        if sizes != (1, 1, 1):
+            raise RuntimeError(f"parallel state is initialised with tp/pp/ep {sizes}; export needs 1/1/1")
+        return
+    init_single_process()
+
+
+def meta_model(cfg: ModelConfig):
+    """The 1-process model on the meta device: its sharded_state_dict describes every tensor, allocating none."""
+    from model.build import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def hf_shapes(cfg: ModelConfig, model=None) -> Dict[str, Tuple[int, ...]]:
+    """Every HF tensor name the config implies, with its shape (mapping the meta model's state dict)."""
+    from model.hf_mapping import megatron_to_hf
+
+    model = meta_model(cfg) if model is None else model
+    return {k: tuple(v.shape) for k, v in megatron_to_hf(model.state_dict(), cfg).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a dist checkpoint unit by unit
+
+def unit_of(key: str) -> str:
+    """The loading unit of a state-dict key: one decoder layer, one MTP inner layer, the rest of the MTP block,
+    or a top-level module (embedding, final norm, output layer)."""
+    for pat in (r"(mtp\.layers\.\d+\.mtp_model_layer\.layers\.\d+)\.", r"(mtp\.layers\.\d+)\.",
+                r"(decoder\.layers\.\d+)\."):
+        if m := re.match(pat, key):
+            return m.group(1)
+    return key.rsplit(".", 1)[0]
+
+
+class CheckpointReader:
+    """Full (unsharded) Foldtron tensors out of a dist checkpoint saved under any layout, one unit at a time."""
+
+    def __init__(self, ckpt_dir: Union[str, Path], cfg: ModelConfig):
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        single_process_state()
+        self.dir, self.cfg = Path(ckpt_dir), cfg
+        self.model = meta_model(cfg)
+        sd = self.model.sharded_state_dict()
+        self.entries = {k: v for k, v in sd.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+        try:
+            saved = dist_checkpointing.load_tensors_metadata(str(self.dir))
+        except Exception as e:  # noqa: BLE001 - re-raised with the path
+            raise ExportError(f"cannot read the tensor metadata of checkpoint {self.dir}: {e}") from e
+        self.saved = {k: v for k, v in saved.items() if k.startswith(MODEL_PREFIXES)}
+        self.dtypes: Dict[str, torch.dtype] = {}
+        expected: set = set()
+        problems = []
+        for name, ent in self.entries.items():
+            parts = ent.build() if isinstance(ent, ShardedTensorFactory) else [ent]
+            for st in (parts.values() if isinstance(parts, dict) else parts):
+                shape = tuple(st.global_shape)
+                if st.key in expected:
+                    continue  # experts: several local entries share one global tensor
+                expected.add(st.key)
+                if st.key not in self.saved:
+                    problems.append(f"missing tensor {st.key} (the config needs shape {shape} for {name})")
+                elif tuple(self.saved[st.key].global_shape) != shape:
+                    problems.append(f"tensor {st.key} has shape {tuple(self.saved[st.key].global_shape)} in the "
+                                    f"checkpoint but the config needs {shape}")
+            first = next(iter(parts.values() if isinstance(parts, dict) else parts))
+            if first.key in self.saved:
+                self.dtypes[name] = self.saved[first.key].dtype
+        for key in sorted(set(self.saved) - set(expected)):
+            problems.append(f"extra tensor {key} {tuple(self.saved[key].global_shape)}: the model config has no "
+                            "place for it")
+        if problems:
+            raise ExportError(f"checkpoint {self.dir} does not match the model config "
+                              f"(pattern {cfg.hybrid_override_pattern!r}, mtp {cfg.mtp_num_layers}):\n  "
+                              + "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else ""))
+        self.units: Dict[str, list] = {}
+        for name in self.entries:
+            self.units.setdefault(unit_of(name), []).append(name)
+
+    def nbytes(self) -> int:
+        """Bytes of the model tensors in the checkpoint (its dtype)."""
+        return sum(math.prod(v.global_shape) * v.dtype.itemsize for v in self.saved.values())
+
+    def load_unit(self, unit: str) -> Dict[str, torch.Tensor]:
+        """Load one unit's tensors (Megatron names, full shapes, the checkpoint's dtype)."""
+        import copy
+
+        from megatron.core import dist_checkpointing
+
+        sub = {}
+        for name in self.units[unit]:
+            ent = copy.copy(self.entries[name])
+            ent.data = torch.empty(ent.data.shape, dtype=self.dtypes[name])
+            sub[name] = ent
+        try:
+            return dist_checkpointing.load(sub, str(self.dir))
+        except Exception as e:  # noqa: BLE001 - re-raised naming the unit and checkpoint
+            raise ExportError(f"reading {unit} ({', '.join(self.units[unit][:3])}...) from checkpoint {self.dir} "
+                              f"failed: {e}") from e
+
+    def __iter__(self) -> Iterator[Tuple[str, Dict[str, torch.Tensor]]]:
+        for unit in self.units:
+            yield unit, self.load_unit(unit)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing safetensors shards
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """Hash of dtype, shape and raw bytes: equal hashes mean bit-identical tensors."""
+    t = t.contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Fills one safetensors shard at a time (at most `max_bytes`, unless a single tensor is larger) and writes
+    HF's `model.safetensors.index.json` at the end."""
+
+    def __init__(self, out: Path, max_bytes: int, hashes: bool):
+        self.out, self.max_bytes, self.hashes = out, max_bytes, hashes
+        self.buf: Dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.files: list[Tuple[str, list]] = []
+        self.sha: Dict[str, str] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.sha or name in self.buf or any(name in keys for _, keys in self.files):
+            raise ExportError(f"tensor {name} produced twice")
+        n = t.numel() * t.element_size()
+        if self.buf and self.size + n > self.max_bytes:
+            self.flush()
+        self.buf[name] = t.contiguous()
+        self.size += n
+        self.total += n
+        if self.hashes:
+            self.sha[name] = tensor_sha256(t)
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buf:
+            return
+        tmp = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.buf, str(self.out / tmp), metadata={"format": "pt"})
+        self.files.append((tmp, sorted(self.buf)))
+        self.buf, self.size = {}, 0
+
+    def finish(self) -> Dict[str, str]:
+        self.flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (tmp, keys) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / tmp, self.out / final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return weight_map
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config.json, generation_config.json, tokenizer
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, special: Dict[str, Optional[int]]):
+    """NemotronHConfig with every key transformers 5 writes, plus the released checkpoints' pattern keys
+    (`hybrid_override_pattern`, `mtp_hybrid_override_pattern`) that vLLM / TRT-LLM and older transformers read."""
+    from transformers import NemotronHConfig
+
+    from model.hf_mapping import hf_config_dict
+
+    conf = NemotronHConfig(**hf_config_dict(cfg), **special)
+    conf.dtype = dtype
+    return conf
+
+
+def config_json(cfg: ModelConfig, dtype: torch.dtype, special: Dict[str, Optional[int]]) -> dict:
+    d = hf_config(cfg, dtype, special).to_dict()
+    d.update(hybrid_override_pattern=cfg.hybrid_override_pattern, num_hidden_layers=cfg.num_layers,
+             torch_dtype=str(dtype).removeprefix("torch."))
+    d.setdefault("moe_latent_size", cfg.moe_latent_size)
+    d["num_nextn_predict_layers"] = cfg.mtp_num_layers
+    d["mtp_hybrid_override_pattern"] = cfg.mtp_hybrid_override_pattern if cfg.mtp_num_layers else None
+    return d
+
+
+def write_tokenizer(src: Union[str, Path], out: Path, vocab_size: int) -> Dict[str, Optional[int]]:
+    """tokenizer.json + tokenizer_config.json that `PreTrainedTokenizerFast` (AutoTokenizer) loads; returns the
+    special-token ids for config.json / generation_config.json."""
+    from transformers import PreTrainedTokenizerFast
+
+    from data_pipeline.tokenizer import DEFAULT_BOS, DEFAULT_EOS, DEFAULT_PAD
+
+    src = Path(src)
+    if not src.is_file():
+        raise ExportError(f"tokenizer {src} (data.tokenizer of the run config) does not exist")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(src))
+    vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= vocab_size:
+        raise ExportError(f"tokenizer {src} has ids up to {max(vocab.values())} but the model's vocab_size is "
+                          f"{vocab_size}")
+    special = {}
+    for field, token in (("bos_token", DEFAULT_BOS), ("eos_token", DEFAULT_EOS), ("pad_token", DEFAULT_PAD)):
+        if token in vocab:
+            setattr(tok, field, token)
+            special[f"{field}_id"] = vocab[token]
+    if "pad_token_id" not in special and "eos_token_id" in special:
+        tok.pad_token = tok.eos_token
+        special["pad_token_id"] = special["eos_token_id"]
+    tok.save_pretrained(str(out))
+    return special
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The export
+
+def _rss_peak_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def export_hf(checkpoint_dir: Union[str, Path], output_dir: Union[str, Path], dtype: str = "bf16", *,
+              config: Any = None, tokenizer: Optional[Union[str, Path]] = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+              tensor_hashes: bool = False) -> Dict[str, Any]:
+    """Write the HF NemotronH checkpoint of a Foldtron dist checkpoint (any layout) to `output_dir`.
+
+    Returns {output, checkpoint, dtype, tensors, bytes, shards, seconds, gb_per_s, peak_rss_bytes, hashes?}."""
+    from model.hf_mapping import megatron_to_hf
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    t0 = time.perf_counter()
+    out_dtype = DTYPES[dtype]
+    ckpt, meta = resolve_checkpoint(checkpoint_dir)
+    cfg, tok_path = resolve_config(config, meta)
+    tok_path = tokenizer or tok_path
+    output = Path(output_dir)
+    if output.exists() and not overwrite:
+        raise ExportError(f"output {output} exists; remove it or pass overwrite=True (--overwrite)")
+    reader = CheckpointReader(ckpt, cfg)
+    expected = hf_shapes(cfg, reader.model)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        special = write_tokenizer(tok_path, tmp, cfg.vocab_size) if tok_path else {}
+        writer = ShardWriter(tmp, max_shard_bytes, tensor_hashes)
+        for unit, tensors in reader:
+            for name, t in megatron_to_hf(tensors, cfg).items():
+                if name not in expected:
+                    raise ExportError(f"{unit} produced HF tensor {name}, which the config does not expect")
+                if tuple(t.shape) != expected[name]:
+                    raise ExportError(f"HF tensor {name} from {unit} has shape {tuple(t.shape)}, expected "
+                                      f"{expected[name]}")
+                writer.add(name, t.to(torch.float32 if FP32_NAMES.match(name) else out_dtype))
+            del tensors
+        weight_map = writer.finish()
+        missing = sorted(set(expected) - set(weight_map))
+        if missing:
+            raise ExportError(f"export of {ckpt} wrote no tensor for {missing[:10]}")
+        (tmp / "config.json").write_text(json.dumps(config_json(cfg, out_dtype, special), indent=2, sort_keys=True)
+                                         + "\n")
+        from transformers import GenerationConfig
+
+        GenerationConfig(**{k: v for k, v in special.items()}).save_pretrained(str(tmp))
+        (tmp / "foldtron_export.json").write_text(json.dumps(
+            {"checkpoint": str(ckpt), "iteration": meta.get("iteration"), "stage": meta.get("stage"),
+             "layout": meta.get("layout"), "dtype": dtype, "model": cfg.model_dump(mode="json")}, indent=1) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    secs = time.perf_counter() - t0
+    result = {"output": str(output), "checkpoint": str(ckpt), "dtype": dtype, "tensors": len(weight_map),
+              "bytes": writer.total, "shards": len(writer.files), "seconds": secs,
+              "gb_per_s": writer.total / secs / 1e9, "peak_rss_bytes": _rss_peak_bytes(),
+              "tokenizer": str(tok_path) if tok_path else None}
+    if tensor_hashes:
+        result["hashes"] = writer.sha
+    return result
