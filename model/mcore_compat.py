@@ -244,6 +244,34 @@ def _patch_triton_free_imports() -> None:
 
 _CPU_TORCH = _CpuTorch()
 
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def cpu_type_names():
+    """Megatron-Core's optimizers classify parameters by `param.type()` strings only CUDA tensors have
+    (optimizer/clip_grads.py:167 asserts 'torch.cuda.FloatTensor'; distrib_optimizer.py:361,420,582 and
+    optimizer.py:671,690 raise "Wrapped parameters must be one of torch.cuda.FloatTensor ..."). While active and
+    without CUDA, a CPU tensor's zero-argument `.type()` answers the CUDA name of its dtype. A context, not part of
+    `apply()`: wrap optimizer construction and `step()` only, so nothing else in the process sees the change."""
+    if torch.cuda.is_available():
+        yield
+        return
+    orig = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = orig(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return orig(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = orig
+
 
 def apply() -> bool:
     """Apply the CPU compatibility layer once per process. Returns True if it is active (no CUDA)."""

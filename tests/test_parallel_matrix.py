@@ -1,0 +1,338 @@
+"""The parallelism matrix: every layout of the hybrid test model (all layer kinds, LatentMoE, MTP) trains exactly
+like one process.
+
+How: a 1-process reference saves its initial weights as a Megatron-Core distributed checkpoint; each layout loads
+them (dist_checkpointing reshards TP/EP/PP/fused-Mamba layouts for us), runs 3 optimizer steps through Megatron's
+schedules, DDP and optimizer, and saves its reduced gradients of step 1 and its parameters after step 3 as
+distributed checkpoints. Loading those back unsharded and comparing tensor by tensor with the reference checks
+every rank's shard at once. Loss per step and gradients: within 1e-5 relative (fp32), parameters likewise.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import run_on_ranks
+
+SEQ, MBS, GBS, STEPS = 32, 1, 4, 3
+RTOL = 1e-5
+# Adam divides each element by its own sqrt(v): with eps=1e-8, a near-zero gradient element that differs between
+# layouts only by summation-order noise (~1e-9) becomes a step of up to lr in either direction. An eps above that
+# noise keeps "parameters after 3 steps" a well-posed comparison; everything else is the production optimizer.
+ADAM_EPS = 1e-6
+# "tiny" with 8 layers (M * - E twice) so the pattern splits over pp=2 and pp*vpp=4; MTP block "*E", LatentMoE.
+TINY8 = dict(hybrid_override_pattern="M*-EM*-E", num_layers=8)
+
+
+def _model_cfg(over: dict):
+    from model.presets import get_preset
+
+    return get_preset("tiny", **{**TINY8, **over})
+
+
+def _batches(dp: int, dp_rank: int, cp: int, cp_rank: int, step: int):
+    """This rank's micro-batches of the step's global batch: DP slice of samples, CP shard of the sequence."""
+    import torch
+
+    from parallel.context_parallel import shard_sequence
+
+    g = torch.Generator().manual_seed(1000 + step)
+    data = torch.randint(0, 512, (GBS, SEQ + 1), generator=g)
+    per = GBS // dp
+    mine = data[dp_rank * per:(dp_rank + 1) * per]
+    out = []
+    for j in range(per // MBS):
+        mb = mine[j * MBS:(j + 1) * MBS]
+        tokens, labels = mb[:, :-1].contiguous(), mb[:, 1:].contiguous()
+        pos = torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)
+        out.append({k: shard_sequence(v, cp, cp_rank) for k, v in
+                    (("tokens", tokens), ("labels", labels), ("pos", pos))})
+    return out
+
+
+def _sharded_sd(chunks):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    sd = {}
+    for i, c in enumerate(chunks):
+        part = c.sharded_state_dict()
+        for k, v in part.items():
+            # Parameters and buffers (factories: the Mamba in_proj/conv1d split into z, x, B, C, dt), not the
+            # _extra_state objects.
+            if isinstance(v, (ShardedTensor, ShardedTensorFactory)):
+                sd[k] = v
+    return sd
+
+
+def _gather_distopt_grads(ddp_chunks):
+    """With the distributed optimizer each DP rank holds only its reduced shard of each grad bucket; all-gather
+    the shards so every parameter's main_grad is the full reduced gradient again (for the comparison only)."""
+    import torch
+    import torch.distributed as dist
+
+    for ddp in ddp_chunks:
+        for bg in list(ddp.bucket_groups) + list(ddp.expert_parallel_bucket_groups):
+            group = bg.intra_distributed_optimizer_instance_group
+            n, r = group.size(), group.rank()
+            for bucket in bg.buckets:
+                shard = bucket.grad_data[r * (bucket.grad_data.numel() // n):(r + 1) * (bucket.grad_data.numel() // n)]
+                dist.all_gather_into_tensor(bucket.grad_data, shard.clone(), group=group)
+    _ = torch
+
+
+def _save_params_as(chunks, ddp_chunks, path: str, grads: bool):
+    """Save the model's parameters (or, with grads=True, its main_grads in their place) as a dist checkpoint."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    params = [p for c in chunks for p in c.parameters()]
+    backup = [p.detach().clone() for p in params]
+    if grads:
+        for p in params:
+            g = getattr(p, "main_grad", None)
+            p.data.copy_(g.view_as(p) if g is not None else torch.zeros_like(p))
+    Path(path).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(_sharded_sd(chunks), path)
+    if grads:
+        for p, b in zip(params, backup):
+            p.data.copy_(b)
+
+
+def _mtp_microbatch_slot(chunk) -> None:
+    """Megatron's schedules set `layer.transformer_layer.current_microbatch` on every MTP layer
+    (pipeline_parallel/schedules.py:215); model/mtp.py's HybridMTPLayer has no `transformer_layer` yet (reported to
+    the model engineer). Give it a plain slot, outside the module tree so no parameter is aliased."""
+    import types
+
+    mtp = getattr(chunk, "mtp", None)
+    for layer in getattr(mtp, "layers", []) or []:
+        if "transformer_layer" not in layer.__dict__ and not hasattr(type(layer), "transformer_layer"):
+            try:
+                layer.transformer_layer
+            except AttributeError:
+                object.__setattr__(layer, "transformer_layer", types.SimpleNamespace())
+
+
+def _train_rank(layout_kw: dict, model_over: dict, workdir: str, tag: str, save_init: bool = False):
+    """One rank of a training run; returns the per-step losses (on last-stage ranks, else None)."""
+    import torch
+    import torch.distributed as dist
+
+    from model import mcore_compat
+    from model.build import build_model, transformer_config
+    from parallel import groups
+    from parallel.layout import ParallelLayout
+
+    layout = ParallelLayout(**layout_kw)
+    cfg = _model_cfg(model_over)
+    groups.setup(layout, seed=1234, model_cfg=cfg, seq_length=SEQ, micro_batch_size=MBS, global_batch_size=GBS)
+    try:
+        from megatron.core import dist_checkpointing
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        tc = transformer_config(
+            cfg, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp, context_parallel_size=layout.cp,
+            expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
+            sequence_parallel=layout.sequence_parallel, calculate_per_token_loss=True,
+            params_dtype=torch.float32, pipeline_dtype=torch.float32)
+        vpp = layout.vpp or 1
+        chunks = []
+        for v in range(vpp):
+            vp = v if layout.vpp else None
+            chunks.append(build_model(
+                cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp, config=tc))
+        for c in chunks:
+            _mtp_microbatch_slot(c)
+        init_dir = str(Path(workdir) / "init")
+        if save_init:
+            Path(init_dir).mkdir(parents=True, exist_ok=True)
+            dist_checkpointing.save(_sharded_sd(chunks), init_dir)
+        else:
+            loaded = dist_checkpointing.load(_sharded_sd(chunks), init_dir)
+            for c in chunks:
+                sd = c.state_dict()
+                for k in sd:
+                    if k in loaded:
+                        sd[k] = loaded[k]
+                missing = [k for k in _sharded_sd([c]) if k not in loaded]
+                assert not missing, f"not in the reference checkpoint: {missing[:5]}"
+                c.load_state_dict(sd, strict=True)
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=layout.use_distributed_optimizer,
+                                                bucket_size=None)
+        ddp = [DistributedDataParallel(config=tc, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
+               for i, c in enumerate(chunks)]
+        with mcore_compat.cpu_type_names():
+            opt = get_megatron_optimizer(
+                OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                                adam_eps=ADAM_EPS, clip_grad=1.0, bf16=False, params_dtype=torch.float32,
+                                use_distributed_optimizer=layout.use_distributed_optimizer), ddp)
+        tc.no_sync_func = ddp[0].no_sync if len(ddp) == 1 else [m.no_sync for m in ddp]
+        tc.finalize_model_grads_func = finalize_model_grads
+
+        dp = ps.get_data_parallel_world_size()
+        dp_rank = ps.get_data_parallel_rank()
+        cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+
+        def forward_step(data_iterator, model):
+            b = next(data_iterator)
+            out = model(b["tokens"], b["pos"], None, labels=b["labels"])
+
+            def loss_func(per_token):
+                s = per_token.float().sum()
+                n = torch.tensor(per_token.numel(), dtype=torch.int)
+                return s, n, {"lm": torch.stack([s.detach(), n.float()])}
+            return out, loss_func
+
+        losses = []
+        for step in range(STEPS):
+            for m in ddp:
+                m.zero_grad_buffer()
+            opt.zero_grad()
+            mbs = _batches(dp, dp_rank, cp, cp_rank, step)
+            its = [iter(mbs) for _ in range(vpp)] if layout.vpp else iter(mbs)
+            out = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=its, model=ddp, num_microbatches=len(mbs),
+                seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
+            if ps.is_pipeline_last_stage(ignore_virtual=True):
+                tot = torch.stack([o["lm"] for o in out]).sum(0)
+                dist.all_reduce(tot, group=ps.get_data_parallel_group(with_context_parallel=True))
+                losses.append(float(tot[0] / tot[1]))
+            if step == 0:
+                if layout.use_distributed_optimizer:
+                    _gather_distopt_grads(ddp)
+                _save_params_as(chunks, ddp, str(Path(workdir) / f"{tag}-grads"), grads=True)
+            with mcore_compat.cpu_type_names():
+                ok, _, _ = opt.step()
+            assert ok
+        _save_params_as(chunks, ddp, str(Path(workdir) / f"{tag}-params"), grads=False)
+        return losses if losses else None
+    finally:
+        groups.teardown()
+
+
+def _load_and_compare(workdir: str, model_over: dict, names: list[str]):
+    """Load (ref grads, layout grads, ref params, layout params) unsharded in 1 process and compare them."""
+    import torch
+
+    from model.build import build_model, transformer_config
+    from parallel import groups
+    from parallel.layout import ParallelLayout
+
+    cfg = _model_cfg(model_over)
+    groups.setup(ParallelLayout())
+    try:
+        from megatron.core import dist_checkpointing
+
+        tc = transformer_config(cfg, calculate_per_token_loss=True, params_dtype=torch.float32)
+        model = build_model(cfg, config=tc)
+        loaded = {n: dist_checkpointing.load(_sharded_sd([model]), str(Path(workdir) / n)) for n in names}
+        a, b, c, d = names
+        if not loaded[a] or set(loaded[a]) != set(loaded[b]):
+            return {"keys": [f"key sets differ: {sorted(set(loaded[a]) ^ set(loaded[b]))[:5]}"]}
+        # The comparison can fail: gradients and updated parameters are different tensors.
+        return {"grads": _compare(loaded, a, b), "params": _compare(loaded, c, d),
+                "sanity": bool(_compare(loaded, a, c)), "n": len(loaded[a])}
+    finally:
+        groups.teardown()
+
+
+def _rel(a, b) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm((a - b).double()) / max(float(torch.linalg.vector_norm(b.double())), 1e-12))
+
+
+def _compare(loaded: dict, ref: str, other: str) -> list[str]:
+    bad = []
+    for k, v in loaded[ref].items():
+        r = _rel(loaded[other][k], v)
+        if not r <= RTOL:
+            bad.append(f"{k}: rel diff {r:.2e}")
+    return bad
+
+
+# Layouts of the "Done when" matrix: (id, layout, ranks, model overrides). Model gaps (reported to the model
+# engineer) keep MTP out of some rows for now: the hybrid MTP block's sharded_state_dict treats its layers as
+# replicated (a ModuleList, not a MegatronModule), so TP-sharded MTP weights cannot be resharded; build_model
+# refuses MTP with pp > 1 and refuses vp_stage (MambaStack has no VPP in Megatron-Core 0.16.1).
+NO_MTP = dict(mtp_num_layers=0)
+MATRIX = [
+    ("cp2", dict(cp=2), 2, {}),
+    ("ep2", dict(ep=2), 2, {}),
+    ("dp2-distopt", dict(use_distributed_optimizer=True), 2, {}),
+    ("tp2", dict(tp=2, sequence_parallel=True), 2, NO_MTP),
+    ("tp2sp-ep2-etp1", dict(tp=2, sequence_parallel=True, ep=2, etp=1), 2, NO_MTP),
+    ("tp2-cp2", dict(tp=2, cp=2, sequence_parallel=True), 4, NO_MTP),
+    ("pp2", dict(pp=2), 2, NO_MTP),
+]
+SLOW = [
+    ("tp2-ep2-pp2", dict(tp=2, ep=2, pp=2, sequence_parallel=True), 8, NO_MTP),
+]
+PENDING = [
+    ("pp2-vpp2", dict(pp=2, vpp=2), 2, NO_MTP),
+]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """One 1-process reference per model variant, made on first use."""
+    made: dict = {}
+
+    def get(over: dict):
+        key = tuple(sorted(over.items()))
+        if key not in made:
+            work = tmp_path_factory.mktemp("matrix")
+            (losses,) = run_on_ranks(_train_rank, 1, dict(use_distributed_optimizer=False), over, str(work), "ref",
+                                     save_init=True, timeout=600)
+            made[key] = (work, losses)
+        return made[key]
+    return get
+
+
+def _check(references, case):
+    name, layout_kw, ranks, over = case
+    work, ref_losses = references(over)
+    res = run_on_ranks(_train_rank, ranks, layout_kw, over, str(work), name, timeout=600)
+    losses = next(r for r in res if r is not None)
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= RTOL * abs(b), f"loss {losses} vs 1-process {ref_losses}"
+    (res,) = run_on_ranks(_load_and_compare, 1, str(work), over, ["ref-grads", f"{name}-grads", "ref-params",
+                                                                  f"{name}-params"], timeout=600)
+    assert "keys" not in res, res["keys"]
+    assert not res["grads"], "gradients differ from the 1-process run:\n" + "\n".join(res["grads"])
+    assert not res["params"], "parameters after 3 steps differ from the 1-process run:\n" + "\n".join(res["params"])
+    assert res["sanity"] and res["n"] > 20
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("case", MATRIX, ids=[c[0] for c in MATRIX])
+def test_layout_equals_one_process(references, case):
+    _check(references, case)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW, ids=[c[0] for c in SLOW])
+def test_8_ranks_equal_one_process(references, case):
+    _check(references, case)
+
+
+@pytest.mark.multiproc
+@pytest.mark.xfail(strict=True, raises=Exception,
+                   reason="model.build refuses vp_stage: Megatron-Core 0.16.1's MambaStack has no virtual pipeline")
+@pytest.mark.parametrize("case", PENDING, ids=[c[0] for c in PENDING])
+def test_interleaved_pipeline_pending(references, case):
+    _check(references, case)
