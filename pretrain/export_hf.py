@@ -397,3 +397,87 @@ def export_hf(checkpoint_dir: Union[str, Path], output_dir: Union[str, Path], dt
     if tensor_hashes:
         result["hashes"] = writer.sha
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verification against transformers
+
+KIND_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+
+def load_foldtron(checkpoint_dir: Union[str, Path], config: Any = None):
+    """(fp32 1-process Foldtron model with the checkpoint's weights, its ModelConfig, checkpoint path)."""
+    from model.build import build_model
+
+    ckpt, meta = resolve_checkpoint(checkpoint_dir)
+    cfg, _ = resolve_config(config, meta)
+    reader = CheckpointReader(ckpt, cfg)
+    model = build_model(cfg).eval()
+    state = {}
+    for _, tensors in reader:
+        state.update(tensors)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ExportError(f"checkpoint {ckpt}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, cfg, ckpt
+
+
+@torch.no_grad()
+def verify_export(hf_dir: Union[str, Path], checkpoint_dir: Union[str, Path], *, config: Any = None,
+                  batch: int = 2, seq_len: int = 24, new_tokens: int = 8, seed: int = 0) -> Dict[str, Any]:
+    """Run one random token batch through the exported model (transformers' NemotronHForCausalLM, fp32) and
+    through Foldtron (fp32, weights from the checkpoint); report max |Δ| of every layer's output grouped by layer
+    kind, of the logits, and whether greedy generation (transformers' `generate`, with its Mamba/KV cache)
+    produces Foldtron's tokens (Foldtron: full recompute per step)."""
+    from transformers import NemotronHForCausalLM
+
+    single_process_state()
+    model, cfg, ckpt = load_foldtron(checkpoint_dir, config)
+    hf = NemotronHForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+    ours_h, theirs_h = {}, {}
+
+    def grab(store, i, seq_first):
+        def hook(_m, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            store[i] = h.transpose(0, 1) if seq_first else h
+        return hook
+
+    handles = [layer.register_forward_hook(grab(ours_h, i, True)) for i, layer in enumerate(model.decoder.layers)]
+    handles += [layer.register_forward_hook(grab(theirs_h, i, False)) for i, layer in enumerate(hf.model.layers)]
+    try:
+        pos = torch.arange(seq_len).expand(batch, seq_len)
+        ours = model(ids, pos, None)
+        theirs = hf(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    per_layer = []
+    per_kind: Dict[str, float] = {}
+    for i, sym in enumerate(cfg.hybrid_override_pattern):
+        d = (ours_h[i] - theirs_h[i]).abs().max().item()
+        per_layer.append({"layer": i, "kind": KIND_NAMES[sym], "max_abs_diff": d,
+                          "max_abs": theirs_h[i].abs().max().item()})
+        per_kind[KIND_NAMES[sym]] = max(per_kind.get(KIND_NAMES[sym], 0.0), d)
+    dl = (ours - theirs).abs().max().item()
+
+    gen = ids
+    for _ in range(new_tokens):
+        logits = model(gen, torch.arange(gen.shape[1]).expand(batch, -1), None)
+        gen = torch.cat([gen, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    hf.generation_config.eos_token_id = None  # a random model may emit EOS; compare all new_tokens
+    hf_gen = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return {
+        "hf_dir": str(hf_dir), "checkpoint": str(ckpt), "tokens": [batch, seq_len],
+        "logits_max_abs_diff": dl, "logits_max_rel_diff": dl / theirs.abs().max().item(),
+        "per_layer_kind": per_kind, "per_layer": per_layer,
+        "greedy_equal": torch.equal(gen[:, seq_len:], hf_gen[:, seq_len:]),
+        "foldtron_tokens": gen[:, seq_len:].tolist(), "hf_tokens": hf_gen[:, seq_len:].tolist(),
+        "mtp_tensors_exported": sum(1 for k in _index_names(Path(hf_dir)) if k.startswith("mtp.")),
+    }
+
+
+def _index_names(hf_dir: Path) -> list:
+    return list(json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"])
