@@ -10,7 +10,7 @@ A save goes to `iter_N.tmp/`, then (after every rank finished writing) is rename
 is replaced (write + os.replace). A crash at any point leaves `latest` naming a complete checkpoint; leftover
 `*.tmp` directories are removed at the next save. Only the newest `keep_last` checkpoints of a stage are kept.
 
-Contents: the model's sharded_state_dict, the optimizer's (fully sharded in model space, so it reloads under
+Contents: the model's sharded_state_dict, the optimizer's (Megatron's "fully_reshardable" format, so it reloads under
 another TP/PP/EP/DP layout), and common state: the LR scheduler, the loader state, step, consumed samples and
 tokens, NaN-skip counters. RNG states of every kind (python, numpy, torch CPU, CUDA, Megatron's model-parallel
 tracker) are saved per rank as sharded objects; they are restored when the layout is unchanged and reseeded
@@ -18,6 +18,7 @@ from (seed, iteration) otherwise, since RNG streams have no meaning across a dif
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -110,15 +111,30 @@ def _layout_key(layout: Any, world: int) -> dict:
     return {"layout": layout.model_dump(mode="json"), "world_size": world}
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP / Float16Module: its state-dict names are the checkpoint's (no `module.` prefix)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _strip(name: str) -> str:
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
 def _sharded(model: Sequence, optimizer: Any, *, loading: bool, with_rng: bool, with_optimizer: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     if len(model) != 1:
         raise NotImplementedError("checkpointing supports one model chunk per rank (virtual pipeline is off)")
+    # DDP's sharded_state_dict names entries `module.<name>` (the names the optimizer looks parameters up by);
+    # the sharded keys inside, i.e. the checkpoint's, carry no prefix.
     sd: dict[str, Any] = {"model": model[0].sharded_state_dict()}
     if with_optimizer:
         sd["optimizer"] = optimizer.sharded_state_dict(
-            sd["model"], is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+            sd["model"], is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if with_rng:
         rank, world = dist.get_rank(), dist.get_world_size()
         sd["rng_state"] = ShardedObject("rng_state", None if loading else rng_state(), (world,), (rank,),
@@ -168,6 +184,63 @@ def _prune(sdir: Path, keep_last: int, protect: set[str]) -> None:
             shutil.rmtree(p)
 
 
+def _ensure_optimizer_state(optimizer: Any) -> None:
+    """A fresh torch Adam has no per-parameter state until its first step, but Megatron's DistributedOptimizer
+    reads 'step' from that state to build its loading state dict (optimizer/distrib_optimizer.py:640, the
+    non-apex/TE path taken on CPU) and needs the tensors to load into. Empty states get zeros and step 0; the
+    load then overwrites all of them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if len(st) == 0:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p.data)
+                    st["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+@contextlib.contextmanager
+def _torch_adam_step_shim() -> Iterator[None]:
+    """Without apex/TE, Megatron's DistributedOptimizer runs torch Adam, whose per-parameter state has a 'step'
+    that load_state_dict puts there itself (distrib_optimizer.py:817-825); the fully_reshardable loader then
+    copies every state key from the checkpoint tensors, which skip 'step' on purpose (:2101), and raises
+    KeyError('step') (:940). Keep the step already set for keys the checkpoint does not carry."""
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    if getattr(do, "HAVE_APEX_OR_TE", True):
+        yield
+        return
+    orig = do.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def patched(self, model_param, tensors):
+        if "step" not in tensors:
+            gi, go = self.model_param_group_index_map[model_param]
+            st = self.optimizer.state[self.optimizer.param_groups[gi]["params"][go]]
+            if "step" in st:
+                tensors = dict(tensors, step=st["step"])
+        return orig(self, model_param, tensors)
+
+    do.DistributedOptimizer._set_main_param_and_optimizer_states = patched
+    try:
+        yield
+    finally:
+        do.DistributedOptimizer._set_main_param_and_optimizer_states = orig
+
+
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """The same non-apex path gives every parameter's state one shared 'step' tensor (distrib_optimizer.py:825);
+    torch Adam increments each state's step in place, so a shared one advances once per parameter per update
+    and the bias correction goes wrong after a resume. Each state gets its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+
 def load(info: CheckpointInfo, model: Sequence, optimizer: Any, *, layout: Any, full: bool) -> dict:
     """Load `info` into model (and optimizer); returns its common state.
 
@@ -176,11 +249,14 @@ def load(info: CheckpointInfo, model: Sequence, optimizer: Any, *, layout: Any, 
     from megatron.core import dist_checkpointing
 
     world = dist.get_world_size()
+    _ensure_optimizer_state(optimizer)
     same_layout = info.meta.get("world_size") == world and info.meta.get("layout") == layout.model_dump(mode="json")
     sd = _sharded(model, optimizer, loading=True, with_rng=full and same_layout, with_optimizer=True)
     state = dist_checkpointing.load(sd, str(info.path))
-    model[0].load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    _unwrap(model[0]).load_state_dict({_strip(k): v for k, v in state["model"].items()})
+    with _torch_adam_step_shim():
+        optimizer.load_state_dict(state["optimizer"])
+    _unshare_adam_steps(optimizer)
     if "rng_state" in state:
         set_rng_state(state["rng_state"])
     common = state.get("common", {})
