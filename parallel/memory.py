@@ -99,8 +99,10 @@ def _layer_params_local(cfg: ModelConfig, sym: str, tp: int, ep: int, etp: int) 
         conv = di + 2 * g * n
         return d + (d * (2 * di + 2 * g * n + h) + conv * (k + 1) + 3 * h + di + di * d) // tp, 0
     if sym == "*":
+        # tp > num_query_groups (a multiple of it): each rank computes its KV group's whole QKV projection
+        # (Megatron-Core attention.py:289), so QKV is split over min(tp, groups) only.
         q, kv = cfg.num_attention_heads * cfg.kv_channels, cfg.num_query_groups * cfg.kv_channels
-        return d + (d * (q + 2 * kv) + q * d) // tp, 0
+        return d + d * (q + 2 * kv) // min(tp, cfg.num_query_groups) + q * d // tp, 0
     if sym == "-":
         return d + 2 * d * cfg.ffn_hidden_size // tp, 0
     if sym == "E":
@@ -136,7 +138,7 @@ def _lowp_params(cfg: ModelConfig, sym: str, index: Optional[int], tp: int, ep: 
         return w("in_proj", d * (2 * di + 2 * g * nn + h) / tp) + w("out_proj", di * d / tp)
     if sym == "*":
         q, kv = cfg.num_attention_heads * cfg.kv_channels, cfg.num_query_groups * cfg.kv_channels
-        return w("linear_qkv", d * (q + 2 * kv) / tp) + w("linear_proj", q * d / tp)
+        return w("linear_qkv", d * (q + 2 * kv) / min(tp, cfg.num_query_groups)) + w("linear_proj", q * d / tp)
     if sym == "-":
         return w("linear_fc1", d * cfg.ffn_hidden_size / tp) * 2
     if sym == "E":
@@ -237,7 +239,7 @@ def layer_activation_bytes(cfg: ModelConfig, sym: str, layout: ParallelLayout, o
         acc.add(di * lin_in("out_proj"))  # out_proj input
         return acc.total
     if sym == "*":
-        nq, ng, dh = cfg.num_attention_heads / tp, cfg.num_query_groups / tp, cfg.kv_channels
+        nq, ng, dh = cfg.num_attention_heads / tp, max(cfg.num_query_groups / tp, 1), cfg.kv_channels
         norm_linear("linear_qkv")
         if te:
             acc.add((nq + 2 * ng) * dh * a + nq * dh * a + nq * 4)  # q, k, v, output, softmax log-sum-exp

@@ -43,11 +43,13 @@ def _measure_rank(preset: str, tp: int, ep: int, seq: int, mbs: int) -> dict:
         from model.build import _mcore
 
         _mcore()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                                 expert_tensor_parallel_size=1)
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(7)
-    tc = transformer_config(cfg, tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=sp)
+    tc = transformer_config(cfg, tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                            expert_tensor_parallel_size=1, sequence_parallel=sp)
     model = build_model(cfg, config=tc)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (mbs, seq), generator=g)
@@ -76,6 +78,7 @@ def test_one_rank_activations_and_params_match_measurement(preset, seq, mbs):
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
 def test_tp2_and_ep2_ranks_match_measurement(tp, ep):
     from tests.distributed import run_on_ranks
