@@ -17,7 +17,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "examples" / "slurm"
-FOLDTRON = ROOT / ".venv" / "bin" / "foldtron"
+# The command the jobs run; FOLDTRON_TEST_BIN points the tests at another build (e.g. inside a container).
+FOLDTRON = Path(os.environ.get("FOLDTRON_TEST_BIN", ROOT / ".venv" / "bin" / "foldtron"))
 ENABLE = "start the test cluster with `bash .ci/slurm.sh start` (Debian slurmctld slurmd slurm-client munge)"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE"}
@@ -155,3 +156,93 @@ def test_failed_map_task_cancels_the_dependent_jobs(cluster, tmp_path):
     for jid in (reduce_id, write_id):
         assert [r["JobState"] for r in recs[jid]] == ["CANCELLED"], recs[jid]
         assert not any(logs.glob(f"*-{jid}_*"))  # never started
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+TRAIN_ITERS, SAVE_EVERY = 40, 8
+GEOMETRY = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+
+
+def tiny_config(path: Path) -> Path:
+    """The tiny preset as one stage at 2 CPU ranks (gloo), mock data, fp32, a checkpoint every few steps."""
+    cfg = {
+        "model": {"preset": "tiny", "mtp_num_layers": 0},
+        "precision": {"recipe": "fp32"},
+        "data": {"mock": True, "seed": 1234},
+        "train": {"seq_length": 64, "micro_batch_size": 2, "global_batch_size": 4, "train_iters": TRAIN_ITERS,
+                  "lr": 3e-3, "min_lr": 3e-4, "lr_warmup_iters": 2, "lr_decay_style": "cosine"},
+        "checkpoint": {"save_interval": SAVE_EVERY, "keep_last": 2},
+        "logging": {"log_interval": 1, "peak_tflops_per_device": 1.0},  # no peak-FLOPs probe at start-up
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def lm_losses(tb_dir: Path) -> dict[int, float]:
+    """Step -> `lm loss` from every TensorBoard event file of a run (all jobs of a chain write there)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    out: dict[int, float] = {}
+    for f in sorted(tb_dir.rglob("events.out.tfevents.*")):
+        for ev in EventFileLoader(str(f)).Load():
+            for v in ev.summary.value:
+                if v.tag == "lm loss":
+                    val = float(tensor_util.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+                    assert ev.step not in out, f"step {ev.step} logged twice in {tb_dir}"
+                    out[ev.step] = val
+    return out
+
+
+def submit_chain(n: int, name: str, config: Path, runs: Path, *overrides: str) -> list[str]:
+    sub = subprocess.run([str(SLURM / "submit_chain.sh"), f"--name={name}", *GEOMETRY, str(n), str(config), *overrides],
+                         capture_output=True, text=True, env=job_env(FOLDTRON_RUN_ROOT=str(runs)), cwd=ROOT,
+                         timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    return sub.stdout.split()
+
+
+def log_of(runs: Path, name: str, job: str) -> Path:
+    return runs / name / "logs" / f"{name}-{job}.out"
+
+
+@pytest.mark.slow
+def test_signalled_chain_resumes_to_the_uninterrupted_losses(cluster, tmp_path):
+    if cluster["cpus"] < 2:
+        pytest.skip("needs a node with 2 CPUs for 2 ranks")
+    config = tiny_config(tmp_path / "tiny.yaml")
+    runs = tmp_path / "runs"
+
+    # The reference: one job, never interrupted (and saving only at the end: saves cost seconds here).
+    (ref,) = submit_chain(1, "ref", config, runs, f"checkpoint.save_interval={10 * TRAIN_ITERS}")
+    rec = wait([ref], 400, [log_of(runs, "ref", ref)])[ref][0]
+    assert (rec["JobState"], exit_code(rec)) == ("COMPLETED", 0), log_of(runs, "ref", ref).read_text()[-3000:]
+    want = lm_losses(runs / "ref" / "tensorboard")
+    assert sorted(want) == list(range(1, TRAIN_ITERS + 1))
+
+    # The chain: job 1 is signalled (as `#SBATCH --signal=B:USR1@...` would) after its first periodic
+    # checkpoint, saves and exits with the requeue code; job 2 resumes and completes; job 3 is cancelled.
+    first, second, third = submit_chain(3, "chain", config, runs)
+    log1 = log_of(runs, "chain", first)
+    deadline = time.monotonic() + 300
+    while f"iter_{SAVE_EVERY:07d}" not in (log1.read_text() if log1.exists() else ""):
+        assert time.monotonic() < deadline, f"job {first} never saved iteration {SAVE_EVERY}"
+        assert jobs(first)[0]["JobState"] in ("PENDING", "RUNNING"), log1.read_text()[-3000:]
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", first], check=True, timeout=30)
+    recs = wait([first, second, third], 400, [log1, log_of(runs, "chain", second)])
+
+    text1, text2 = log1.read_text(), log_of(runs, "chain", second).read_text()
+    (r1,), (r2,), (r3,) = recs[first], recs[second], recs[third]
+    assert exit_code(r1) == 3, text1[-3000:]  # checkpoint.requeue_exit_code: "continue"
+    stopped = int(re.search(r"stopping at iteration (\d+) \(signal\)", text1).group(1))
+    assert SAVE_EVERY <= stopped < TRAIN_ITERS
+    assert "got SIGUSR1" in text1 and "the next job of chain 'chain' resumes" in text1
+    assert (r2["JobState"], exit_code(r2)) == ("COMPLETED", 0), text2[-3000:]
+    assert f"resumed from {runs}/chain/checkpoints/main/iter_{stopped:07d}" in text2
+    assert r1["EndTime"] <= r2["StartTime"]  # singleton: one job of the chain at a time
+    assert r3["JobState"] == "CANCELLED" and not log_of(runs, "chain", third).exists()  # done: chain ended
+
+    got = lm_losses(runs / "chain" / "tensorboard")
+    assert got == want  # every step, bit for bit, across the stop
