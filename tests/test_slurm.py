@@ -3,7 +3,6 @@ CPU tasks: srun geometry, curation job arrays with the dependent dedup reduce, a
 signalled, save, and resume to the same losses as an uninterrupted run."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -195,8 +194,12 @@ def lm_losses(tb_dir: Path) -> dict[int, float]:
     return out
 
 
-def submit_chain(n: int, name: str, config: Path, runs: Path, *overrides: str) -> list[str]:
-    sub = subprocess.run([str(SLURM / "submit_chain.sh"), f"--name={name}", *GEOMETRY, str(n), str(config), *overrides],
+def submit_chain(n: int, name: str, config: Path, runs: Path, *args: str) -> list[str]:
+    """submit_chain.sh with the test geometry; `args`: its options (--x) first, then config overrides."""
+    opts = [a for a in args if a.startswith("--")]
+    overrides = [a for a in args if not a.startswith("--")]
+    sub = subprocess.run([str(SLURM / "submit_chain.sh"), f"--name={name}", *opts, *GEOMETRY, str(n), str(config),
+                          *overrides],
                          capture_output=True, text=True, env=job_env(FOLDTRON_RUN_ROOT=str(runs)), cwd=ROOT,
                          timeout=60)
     assert sub.returncode == 0, sub.stderr
@@ -207,33 +210,47 @@ def log_of(runs: Path, name: str, job: str) -> Path:
     return runs / name / "logs" / f"{name}-{job}.out"
 
 
-@pytest.mark.slow
-def test_signalled_chain_resumes_to_the_uninterrupted_losses(cluster, tmp_path):
+def signal_after_first_save(job: str, log: Path) -> None:
+    """Send SIGUSR1 to the batch shell (what `#SBATCH --signal=B:USR1@...` does before the time limit) once the
+    job has written its first periodic checkpoint, so the trainer's helper processes exist when it arrives."""
+    deadline = time.monotonic() + 300
+    while f"iter_{SAVE_EVERY:07d}" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, f"job {job} never saved iteration {SAVE_EVERY}"
+        assert jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-3000:] if log.exists() else job
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def training(cluster, tmp_path_factory) -> dict:
+    """The tiny config and the losses of one uninterrupted job (run by long_context.sbatch, which execs the
+    shared pretrain.sbatch body; exit 0 ends its chain)."""
     if cluster["cpus"] < 2:
         pytest.skip("needs a node with 2 CPUs for 2 ranks")
-    config = tiny_config(tmp_path / "tiny.yaml")
-    runs = tmp_path / "runs"
-
-    # The reference: one job, never interrupted (and saving only at the end: saves cost seconds here).
-    (ref,) = submit_chain(1, "ref", config, runs, f"checkpoint.save_interval={10 * TRAIN_ITERS}")
+    tmp = tmp_path_factory.mktemp("train")
+    config = tiny_config(tmp / "tiny.yaml")
+    runs = tmp / "runs"
+    (ref,) = submit_chain(1, "ref", config, runs, f"--script={SLURM / 'long_context.sbatch'}",
+                          f"checkpoint.save_interval={10 * TRAIN_ITERS}")  # saves cost seconds here: one, at the end
     rec = wait([ref], 400, [log_of(runs, "ref", ref)])[ref][0]
     assert (rec["JobState"], exit_code(rec)) == ("COMPLETED", 0), log_of(runs, "ref", ref).read_text()[-3000:]
-    want = lm_losses(runs / "ref" / "tensorboard")
-    assert sorted(want) == list(range(1, TRAIN_ITERS + 1))
+    assert "training complete" in log_of(runs, "ref", ref).read_text()
+    losses = lm_losses(runs / "ref" / "tensorboard")
+    assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
+    return {"config": config, "runs": runs, "losses": losses}
 
-    # The chain: job 1 is signalled (as `#SBATCH --signal=B:USR1@...` would) after its first periodic
-    # checkpoint, saves and exits with the requeue code; job 2 resumes and completes; job 3 is cancelled.
-    first, second, third = submit_chain(3, "chain", config, runs)
-    log1 = log_of(runs, "chain", first)
-    deadline = time.monotonic() + 300
-    while f"iter_{SAVE_EVERY:07d}" not in (log1.read_text() if log1.exists() else ""):
-        assert time.monotonic() < deadline, f"job {first} never saved iteration {SAVE_EVERY}"
-        assert jobs(first)[0]["JobState"] in ("PENDING", "RUNNING"), log1.read_text()[-3000:]
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", first], check=True, timeout=30)
-    recs = wait([first, second, third], 400, [log1, log_of(runs, "chain", second)])
 
-    text1, text2 = log1.read_text(), log_of(runs, "chain", second).read_text()
+@pytest.mark.slow
+def test_signalled_chain_resumes_to_the_uninterrupted_losses(training):
+    """Singleton chain of 3: job 1 is signalled after a periodic checkpoint, saves and exits with the requeue
+    code; job 2 resumes and completes; job 3 is cancelled; the losses are the uninterrupted run's, bit for bit."""
+    runs = training["runs"]
+    first, second, third = submit_chain(3, "chain", training["config"], runs)
+    log1, log2 = log_of(runs, "chain", first), log_of(runs, "chain", second)
+    signal_after_first_save(first, log1)
+    recs = wait([first, second, third], 400, [log1, log2])
+
+    text1, text2 = log1.read_text(), log2.read_text()
     (r1,), (r2,), (r3,) = recs[first], recs[second], recs[third]
     assert exit_code(r1) == 3, text1[-3000:]  # checkpoint.requeue_exit_code: "continue"
     stopped = int(re.search(r"stopping at iteration (\d+) \(signal\)", text1).group(1))
@@ -243,6 +260,20 @@ def test_signalled_chain_resumes_to_the_uninterrupted_losses(cluster, tmp_path):
     assert f"resumed from {runs}/chain/checkpoints/main/iter_{stopped:07d}" in text2
     assert r1["EndTime"] <= r2["StartTime"]  # singleton: one job of the chain at a time
     assert r3["JobState"] == "CANCELLED" and not log_of(runs, "chain", third).exists()  # done: chain ended
+    assert lm_losses(runs / "chain" / "tensorboard") == training["losses"]
 
-    got = lm_losses(runs / "chain" / "tensorboard")
-    assert got == want  # every step, bit for bit, across the stop
+
+@pytest.mark.slow
+def test_requeue_chain_resumes_to_the_uninterrupted_losses(training):
+    """`submit_chain.sh --requeue`: one job that requeues itself after the requeue exit and completes."""
+    runs = training["runs"]
+    (job,) = submit_chain(3, "rq", training["config"], runs, "--requeue")
+    log = log_of(runs, "rq", job)
+    signal_after_first_save(job, log)
+    (rec,) = wait([job], 400, [log])[job]
+    text = log.read_text()  # --open-mode=append: both runs of the job
+    assert (rec["JobState"], exit_code(rec), rec["Restarts"]) == ("COMPLETED", 0, "1"), text[-3000:]
+    stopped = int(re.search(r"stopping at iteration (\d+) \(signal\)", text).group(1))
+    assert f"requeueing job {job} (restart 1 of 2)" in text
+    assert f"resumed from {runs}/rq/checkpoints/main/iter_{stopped:07d}" in text
+    assert lm_losses(runs / "rq" / "tensorboard") == training["losses"]
