@@ -294,7 +294,10 @@ def config_json(cfg: ModelConfig, dtype: torch.dtype, special: Dict[str, Optiona
              torch_dtype=str(dtype).removeprefix("torch."))
     d.setdefault("moe_latent_size", cfg.moe_latent_size)
     d["num_nextn_predict_layers"] = cfg.mtp_num_layers
-    d["mtp_hybrid_override_pattern"] = cfg.mtp_hybrid_override_pattern if cfg.mtp_num_layers else None
+    if cfg.mtp_num_layers:  # transformers rejects an explicit null here
+        d["mtp_hybrid_override_pattern"] = cfg.mtp_hybrid_override_pattern
+    else:
+        d.pop("mtp_hybrid_override_pattern", None)
     return d
 
 

@@ -1,0 +1,56 @@
+"""`foldtron export-hf`: a Foldtron checkpoint (any parallel layout) -> Hugging Face NemotronH directory."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pretrain.commands.config import add_config_args
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * f)
+    return int(t)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-hf", help="write a Hugging Face NemotronH checkpoint", description=__doc__)
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="run directory, stage directory (with `latest`) or iteration directory")
+    p.add_argument("--output", required=True, metavar="HFDIR", help="output directory (written atomically)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the run config's data.tokenizer)")
+    p.add_argument("--max-shard-size", default="5GB", type=_size, help="safetensors shard size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--verify", action="store_true",
+                   help="then load the export with transformers and compare logits/generation with Foldtron")
+    p.add_argument("--nvfp4", metavar="HFDIR", help="also write an NVFP4-quantized export here (needs CUDA)")
+    add_config_args(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pretrain.export_hf import export_hf, verify_export
+
+    config = None
+    if args.config or args.overrides:
+        from pretrain.config import load_config
+
+        config = load_config(args.config, args.overrides)
+    result = export_hf(args.checkpoint, args.output, args.dtype, config=config, tokenizer=args.tokenizer,
+                       max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+    print(json.dumps(result, indent=1))
+    rc = 0
+    if args.verify:
+        v = verify_export(args.output, args.checkpoint, config=config)
+        v.pop("per_layer")
+        print(json.dumps(v, indent=1))
+        rc = 0 if v["greedy_equal"] and v["logits_max_rel_diff"] <= 1e-3 else 1
+    if args.nvfp4:
+        from pretrain.export_nvfp4 import export_nvfp4
+
+        print(json.dumps(export_nvfp4(args.output, args.nvfp4, overwrite=args.overwrite), indent=1))
+    return rc
