@@ -85,6 +85,9 @@ JobCompType=jobcomp/none
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# Scheduling passes every few seconds (defaults: 60 s main, 30 s backfill): a requeued job whose hold ended
+# starts at the next pass, and the tests wait for it.
+SchedulerParameters=sched_interval=5,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
