@@ -95,6 +95,7 @@ class StageConfig(_Section):
     lr_warmup_iters: Optional[int] = Field(None, ge=0)
     lr_decay_style: Optional[Literal["constant", "cosine", "linear", "WSD"]] = None
     lr_wsd_decay_iters: Optional[int] = Field(None, ge=1)
+    lr_wsd_decay_style: Optional[Literal["minus_sqrt", "cosine", "linear", "exponential"]] = None
     parallel: Optional[ParallelLayout] = None  # e.g. CP for long context
     precision: Optional[PrecisionConfig] = None
 

@@ -16,7 +16,7 @@ from parallel.layout import ParallelLayout
 from pretrain.config import RunConfig, TrainConfig
 
 _INHERITED = ("seq_length", "micro_batch_size", "global_batch_size", "lr", "min_lr", "lr_warmup_iters",
-              "lr_decay_style", "lr_wsd_decay_iters")
+              "lr_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_style")
 
 
 @dataclass(frozen=True)

@@ -81,3 +81,24 @@ def test_scheduler_state_roundtrip():
     b = build_scheduler(_Groups(), c)
     b.load_state_dict(a.state_dict())
     assert b.num_steps == 85 and b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "nano-30b-a3b", "super-120b-a12b"])
+def test_example_configs_resolve_to_stages(repo_root, name):
+    from pretrain.config import load_config
+    from pretrain.stages import resolve
+
+    stages = resolve(load_config(repo_root / "examples" / "configs" / f"{name}.yaml"))
+    assert [s.name for s in stages] == ["phase1", "phase2", "long-context"]
+    p1, p2, lc = stages
+    for s in stages:
+        scheduler_kwargs(s.train)  # every stage's schedule is valid for Megatron's scheduler
+    assert p2.train.lr_decay_style == "WSD" and p2.train.lr_wsd_decay_iters == p2.train.train_iters
+    assert lc.train.lr_decay_style == "constant" and lc.parallel.cp > 1
+    if name == "super-120b-a12b":
+        assert p1.train.lr_warmup_iters == 7949 and p1.train.train_iters + p2.train.train_iters == 993404
+        assert p2.train.lr_wsd_decay_style == "minus_sqrt" and p2.train.lr == 4.5e-4
+        # end of phase 2 reaches min_lr, half way it is min + (1 - sqrt(1/2)) (max - min)
+        lrs = lr_curve(p2.train.model_copy(update={"train_iters": 100, "lr_wsd_decay_iters": 100}), 101)
+        assert lrs[50] == pytest.approx(4.5e-6 + (1 - math.sqrt(0.5)) * (4.5e-4 - 4.5e-6))
+        assert lrs[100] == pytest.approx(4.5e-6)
