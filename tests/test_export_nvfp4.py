@@ -1,0 +1,80 @@
+"""NVFP4 serving export with nvidia-modelopt (runs on CPU): the checkpoint carries the quantization config vLLM /
+TensorRT-LLM read, packed E2M1 weights whose dequantized values are the BF16 weights within one NVFP4 step, every
+expert, and the MTP block in BF16."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("modelopt")
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def dequant(packed: torch.Tensor, scale: torch.Tensor, scale2: torch.Tensor) -> torch.Tensor:
+    """uint8 with two E2M1 codes (low nibble = even element), E4M3 scale per 16 values, FP32 global scale."""
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()
+    vals = E2M1[codes & 7] * torch.where(codes >= 8, -1.0, 1.0)
+    return (vals.view(vals.shape[0], -1, 16) * scale.float().unsqueeze(-1) * scale2.float()).reshape(vals.shape)
+
+
+@pytest.mark.slow
+def test_nvfp4_export(tmp_path):
+    from megatron.core import dist_checkpointing
+    from safetensors import safe_open
+
+    from model.build import build_model, init_single_process
+    from model.presets import get_preset
+    from pretrain.export_hf import export_hf
+    from pretrain.export_nvfp4 import export_nvfp4
+    from tests.test_export_hf import perturb
+
+    init_single_process()
+    cfg = get_preset("tiny")
+    model = build_model(cfg)
+    perturb(model, 5)
+    (tmp_path / "ckpt").mkdir()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp_path / "ckpt"))
+    export_hf(tmp_path / "ckpt", tmp_path / "bf16", "bf16", config=cfg)
+    res = export_nvfp4(tmp_path / "bf16", tmp_path / "nvfp4", exclude=["*fc1_latent_proj*"])
+    assert res["quant_algo"] == "NVFP4" and res["group_size"] == 16
+    assert "lm_head" in res["exclude_modules"] and all("\x00" not in n for n in res["exclude_modules"])
+    q = json.loads((tmp_path / "nvfp4" / "hf_quant_config.json").read_text())
+    assert q["quantization"]["quant_algo"] == "NVFP4"
+    conf = json.loads((tmp_path / "nvfp4" / "config.json").read_text())
+    assert conf["quantization_config"]["quant_method"] == "modelopt"
+    assert conf["hybrid_override_pattern"] == cfg.hybrid_override_pattern and conf["num_nextn_predict_layers"] == 2
+
+    index = json.loads((tmp_path / "nvfp4" / "model.safetensors.index.json").read_text())["weight_map"]
+    bf16_index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {k for k in bf16_index if k.startswith("mtp.")} == {k for k in index if k.startswith("mtp.")}
+    for e in range(cfg.num_moe_experts):
+        for proj in ("up_proj", "down_proj"):
+            for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+                assert f"backbone.layers.3.mixer.experts.{e}.{proj}.{suffix}" in index
+    src = safe_open(str(tmp_path / "bf16" / bf16_index["backbone.layers.3.mixer.experts.2.up_proj.weight"]), "pt")
+    files = {f: safe_open(str(tmp_path / "nvfp4" / f), "pt") for f in set(index.values())}
+
+    def get(name):
+        return files[index[name]].get_tensor(name)
+
+    for name in ("backbone.layers.3.mixer.experts.2.up_proj", "backbone.layers.1.mixer.q_proj",
+                 "backbone.layers.0.mixer.in_proj", "backbone.layers.2.mixer.down_proj"):
+        w = safe_open(str(tmp_path / "bf16" / bf16_index[name + ".weight"]), "pt").get_tensor(name + ".weight").float()
+        packed = get(name + ".weight")
+        assert packed.dtype == torch.uint8 and packed.shape == (w.shape[0], w.shape[1] // 2)
+        scale, scale2 = get(name + ".weight_scale"), get(name + ".weight_scale_2")
+        assert scale.dtype == torch.float8_e4m3fn and scale.shape == (w.shape[0], w.shape[1] // 16)
+        deq = dequant(packed, scale, scale2)
+        step = (scale.float() * scale2.float()).repeat_interleave(16, dim=1)  # E2M1 gaps are <= 2 units
+        assert ((deq - w).abs() <= step + 1e-6).all(), name
+        assert (deq - w).norm() / w.norm() < 0.15, name
+    assert get("backbone.layers.3.mixer.fc1_latent_proj.weight").dtype == torch.bfloat16  # excluded: not packed
+    assert get("backbone.layers.3.mixer.gate.weight").dtype == torch.float32  # router kept high precision
+    mtp = files[index["mtp.layers.0.eh_proj.weight"]].get_tensor("mtp.layers.0.eh_proj.weight")
+    assert mtp.dtype == torch.bfloat16
+    del src
+
