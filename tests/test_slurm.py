@@ -160,7 +160,7 @@ def test_failed_map_task_cancels_the_dependent_jobs(cluster, tmp_path):
 # ---------------------------------------------------------------------------------------------------- training
 
 TRAIN_ITERS, SAVE_EVERY = 40, 8
-GEOMETRY = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+GEOMETRY = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
 
 
 def tiny_config(path: Path) -> Path:
@@ -232,12 +232,33 @@ def training(cluster, tmp_path_factory) -> dict:
     runs = tmp / "runs"
     (ref,) = submit_chain(1, "ref", config, runs, f"--script={SLURM / 'long_context.sbatch'}",
                           f"checkpoint.save_interval={10 * TRAIN_ITERS}")  # saves cost seconds here: one, at the end
+    # The export job waits for training to succeed, as in the README.
+    export_log = tmp / "export.out"
+    export = sbatch([f"--dependency=afterok:{ref}", "--kill-on-invalid-dep=yes", "--cpus-per-task=1", "--mem=0",
+                     "--time=10", f"--output={export_log}", str(SLURM / "export_hf.sbatch"),
+                     str(runs / "ref" / "checkpoints"), str(tmp / "hf"), "--dtype=fp32", "--verify",
+                     "--config", str(config)])
     rec = wait([ref], 400, [log_of(runs, "ref", ref)])[ref][0]
     assert (rec["JobState"], exit_code(rec)) == ("COMPLETED", 0), log_of(runs, "ref", ref).read_text()[-3000:]
     assert "training complete" in log_of(runs, "ref", ref).read_text()
     losses = lm_losses(runs / "ref" / "tensorboard")
     assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
-    return {"config": config, "runs": runs, "losses": losses}
+    return {"config": config, "runs": runs, "losses": losses, "export": export, "export_log": export_log,
+            "hf": tmp / "hf", "ref": rec}
+
+
+@pytest.mark.slow
+def test_export_job_runs_after_training_and_verifies(training):
+    """export_hf.sbatch, submitted with --dependency=afterok on the training job: starts after it, writes a
+    NemotronH directory, and `--verify` (transformers vs Foldtron logits and greedy tokens) passes."""
+    log = training["export_log"]
+    (rec,) = wait([training["export"]], 300, [log])[training["export"]]
+    assert (rec["JobState"], exit_code(rec)) == ("COMPLETED", 0), log.read_text()[-3000:]
+    assert rec["StartTime"] >= training["ref"]["EndTime"]
+    config = json.loads((training["hf"] / "config.json").read_text())
+    assert config["model_type"] == "nemotron_h"
+    assert list(training["hf"].glob("*.safetensors"))
+    assert '"greedy_equal": true' in log.read_text()
 
 
 @pytest.mark.slow
