@@ -271,7 +271,7 @@ def test_signalled_chain_resumes_to_the_uninterrupted_losses(training):
     signal_after_first_save(first, log1)
     recs = wait([first, second, third], 400, [log1, log2])
 
-    text1, text2 = log1.read_text(), log2.read_text()
+    text1, text2 = log1.read_text(), log2.read_text() if log2.exists() else "(job 2 never started)"
     (r1,), (r2,), (r3,) = recs[first], recs[second], recs[third]
     assert exit_code(r1) == 3, text1[-3000:]  # checkpoint.requeue_exit_code: "continue"
     stopped = int(re.search(r"stopping at iteration (\d+) \(signal\)", text1).group(1))
