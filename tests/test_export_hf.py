@@ -281,3 +281,41 @@ def test_bad_checkpoint_is_an_error_and_leaves_no_output(saved, tmp_path):
     with pytest.raises(ExportError, match="exists"):
         (tmp_path / "w").mkdir()
         export_hf(saved["1rank"], tmp_path / "w")
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_cli_run_dir_tokenizer_and_verify(saved, tmp_path, capsys):
+    """`foldtron export-hf` on a run directory (stage/latest -> iter dir), tokenizer from the run config's
+    data.tokenizer: AutoTokenizer loads the export and encodes like `tokenizers`; --verify passes."""
+    import shutil
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from data_pipeline.tokenizer import TrainConfig, train_bpe
+    from pretrain.cli import main
+
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog %d" % i for i in range(200)],
+                    TrainConfig(vocab_size=400, min_frequency=1))
+    tok.save(tmp_path / "tokenizer.json")
+    run = tmp_path / "run"
+    shutil.copytree(saved["1rank"], run / "phase1" / "iter_0000001")
+    (run / "phase1" / "latest").write_text("iter_0000001\n")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(
+        {"model": {"preset": "tiny"}, "data": {"tokenizer": str(tmp_path / "tokenizer.json")}}))
+    out = tmp_path / "hf"
+    rc = main(["export-hf", "--checkpoint", str(run), "--output", str(out), "--dtype", "fp32",
+               "--config", str(tmp_path / "run.yaml"), "--verify", "--max-shard-size", "100KB"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert '"greedy_equal": true' in printed and "iter_0000001" in printed
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    text = "the lazy fox"
+    assert hf_tok(text)["input_ids"] == tok.hf.encode(text).ids
+    conf = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert conf["eos_token_id"] == gen["eos_token_id"] == hf_tok.eos_token_id == tok.eos_id
+    assert sum(1 for _ in out.glob("model-*-of-*.safetensors")) > 1
+    rc = main(["verify-hf", str(out), "--checkpoint", str(run / "phase1")])
+    assert rc == 0
