@@ -47,7 +47,12 @@ def _save(path: str) -> dict:
 
 
 def _stream(ckpt: str, out: str) -> dict:
+    from megatron.core import dist_checkpointing  # noqa: F401 - imports out of the timing, as in _whole
+
+    from model.build import init_single_process
     from pretrain.export_hf import export_hf
+
+    init_single_process()
 
     r = export_hf(ckpt, out, "bf16", max_shard_bytes=SHARD)
     return {k: r[k] for k in ("bytes", "seconds", "gb_per_s", "peak_rss_bytes", "shards", "tensors")}
@@ -62,8 +67,10 @@ def _whole(ckpt: str, out: str) -> dict:
 
     from model.config import ModelConfig
     from model.hf_mapping import megatron_to_hf
+    from model.build import init_single_process
     from pretrain.export_hf import CheckpointReader
 
+    init_single_process()
     t0 = time.perf_counter()
     reader = CheckpointReader(ckpt, ModelConfig(**CFG))
     sub = {}
