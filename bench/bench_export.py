@@ -65,9 +65,9 @@ def _whole(ckpt: str, out: str) -> dict:
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
+    from model.build import init_single_process
     from model.config import ModelConfig
     from model.hf_mapping import megatron_to_hf
-    from model.build import init_single_process
     from pretrain.export_hf import CheckpointReader
 
     init_single_process()
