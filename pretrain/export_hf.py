@@ -39,6 +39,9 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 #: Kept in fp32 whatever the export dtype (HF NemotronH computes the router in fp32).
 FP32_NAMES = re.compile(r".*\.mixer\.gate\.(weight|e_score_correction_bias)$")
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
+#: What may stand before the model's keys in a checkpoint: nothing (model saved directly), DDP's `module.`,
+#: DDP(Float16Module(model)) in bf16 training.
+KEY_PREFIXES = ("", "module.", "module.module.")
 META = "foldtron.json"
 
 
@@ -160,7 +163,11 @@ class CheckpointReader:
             saved = dist_checkpointing.load_tensors_metadata(str(self.dir))
         except Exception as e:  # noqa: BLE001 - re-raised with the path
             raise ExportError(f"cannot read the tensor metadata of checkpoint {self.dir}: {e}") from e
-        self.saved = {k: v for k, v in saved.items() if k.startswith(MODEL_PREFIXES)}
+        # The training loop saves the DDP-wrapped model: its keys carry `module.` (twice with Float16Module).
+        self.prefix = max(KEY_PREFIXES, key=lambda p: sum(k.startswith(p + "decoder.") for k in saved))
+        n = len(self.prefix)
+        self.saved = {k[n:]: v for k, v in saved.items()
+                      if k.startswith(self.prefix) and k[n:].startswith(MODEL_PREFIXES)}
         self.dtypes: Dict[str, torch.dtype] = {}
         expected: set = set()
         problems = []
@@ -204,12 +211,15 @@ class CheckpointReader:
         for name in self.units[unit]:
             ent = copy.copy(self.entries[name])
             ent.data = torch.empty(ent.data.shape, dtype=self.dtypes[name])
+            ent.key = self.prefix + ent.key
             sub[name] = ent
         try:
-            return dist_checkpointing.load(sub, str(self.dir))
+            loaded = dist_checkpointing.load(sub, str(self.dir))
         except Exception as e:  # noqa: BLE001 - re-raised naming the unit and checkpoint
             raise ExportError(f"reading {unit} ({', '.join(self.units[unit][:3])}...) from checkpoint {self.dir} "
                               f"failed: {e}") from e
+        # The checkpoint's common state (optimizer param groups, scheduler, loader) comes along: keep ours only.
+        return {k: loaded[k] for k in sub}
 
     def __iter__(self) -> Iterator[Tuple[str, Dict[str, torch.Tensor]]]:
         for unit in self.units:

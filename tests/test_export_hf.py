@@ -319,3 +319,28 @@ def test_cli_run_dir_tokenizer_and_verify(saved, tmp_path, capsys):
     assert sum(1 for _ in out.glob("model-*-of-*.safetensors")) > 1
     rc = main(["verify-hf", str(out), "--checkpoint", str(run / "phase1")])
     assert rc == 0
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_export_from_training_loop_checkpoint(tmp_path):
+    """A checkpoint written by `foldtron train` (DDP-wrapped model: keys under `module.`, optimizer state and
+    loader/scheduler common state beside the weights) exports and verifies."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pretrain.export_hf import export_hf, verify_export
+
+    run = {"model": {"preset": "tiny-nolatent"}, "data": {"mock": True},
+           "train": {"train_iters": 2, "seq_length": 32, "global_batch_size": 2, "micro_batch_size": 1},
+           "checkpoint": {"save": str(tmp_path / "run"), "save_interval": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    p = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "-c", str(tmp_path / "run.yaml")],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    export_hf(tmp_path / "run", tmp_path / "hf", "fp32", config=tmp_path / "run.yaml")
+    v = verify_export(tmp_path / "hf", tmp_path / "run", config=tmp_path / "run.yaml")
+    assert v["logits_max_rel_diff"] <= 1e-4 and v["greedy_equal"], v
+    assert v["checkpoint"].endswith("iter_0000002")
