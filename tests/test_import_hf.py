@@ -1,0 +1,83 @@
+"""An imported HF checkpoint continues under another layout: the weights-only dist checkpoint written by
+`import_hf` (one process, full tensors) loads on 2 gloo ranks as TP2 x EP2 (+SP) and gives transformers' logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_on_ranks
+
+pytest.importorskip("transformers")
+
+
+def _logits_under_layout(ckpt: str, layout: dict, ids: list):
+    """Plain lists/numpy in and out: tensors sent through the result queue live in shared memory that the
+    exiting rank takes with it."""
+    from megatron.core import dist_checkpointing
+
+    from model.build import build_model, transformer_config
+    from parallel import groups
+    from parallel.layout import ParallelLayout
+    from pretrain.export_hf import resolve_checkpoint, resolve_config
+
+    path, meta = resolve_checkpoint(ckpt)
+    cfg, _ = resolve_config(None, meta)
+    lay = ParallelLayout(**layout)
+    groups.setup(lay, seed=0)
+    try:
+        model = build_model(cfg, config=transformer_config(
+            cfg, tensor_model_parallel_size=lay.tp, expert_model_parallel_size=lay.ep,
+            sequence_parallel=lay.sequence_parallel)).eval()
+        sd = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+        model.load_state_dict(dist_checkpointing.load(sd, str(path)), strict=False)
+        with torch.no_grad():
+            ids = torch.tensor(ids)
+            pos = torch.arange(ids.shape[1]).expand_as(ids)
+            return model(ids, pos, None, runtime_gather_output=True).numpy()
+    finally:
+        groups.teardown()
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_imported_checkpoint_runs_under_tp2_ep2(tmp_path):
+    from megatron.core import dist_checkpointing
+    from transformers import NemotronHForCausalLM
+
+    from model.build import build_model, init_single_process
+    from model.presets import get_preset
+    from pretrain.export_hf import export_hf
+    from pretrain.import_hf import import_hf
+    from tests.test_export_hf import perturb
+
+    init_single_process()
+    cfg = get_preset("tiny")
+    model = build_model(cfg)
+    perturb(model, 9)
+    (tmp_path / "ckpt").mkdir()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp_path / "ckpt"))
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", "fp32", config=cfg)
+    res = import_hf(tmp_path / "hf", tmp_path / "run", "tp=2,ep=2,sequence_parallel=true")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = NemotronHForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()(
+            input_ids=ids).logits
+    outs = run_on_ranks(_logits_under_layout, 2, str(tmp_path / "run"),
+                        dict(tp=2, ep=2, sequence_parallel=True), ids.tolist())
+    for ours in map(torch.from_numpy, outs):
+        assert ours.shape == theirs.shape
+        assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-4
+    assert res["layout"]["tp"] == 2
+
+
+def test_bad_layout_is_refused(tmp_path):
+    from pretrain.export_hf import ExportError
+    from pretrain.import_hf import parse_layout
+
+    assert parse_layout("tp=2,ep=2,sequence_parallel=true").sequence_parallel is True
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_layout("tp2")
+    with pytest.raises(ExportError, match="config.json"):
+        from pretrain.import_hf import import_hf
+
+        import_hf(tmp_path, tmp_path / "out")
