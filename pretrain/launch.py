@@ -33,6 +33,14 @@ class DistEnv:
     source: str  # "torchrun", "slurm" or "single"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _int(env: Mapping[str, str], name: str) -> int:
     try:
         return int(env[name])
@@ -94,7 +102,8 @@ def read_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
             raise LaunchError("Slurm launch without SLURM_JOB_ID: cannot derive MASTER_PORT; set it")
         source = "slurm"
     else:
-        rank, world, local, addr, port, source = 0, 1, 0, "127.0.0.1", 29500, "single"
+        # One process: a fixed port could meet another job's store on this machine and wait forever.
+        rank, world, local, addr, port, source = 0, 1, 0, "127.0.0.1", free_port(), "single"
     if world < 1:
         raise LaunchError(f"world size must be >= 1, got {world}")
     if not 0 <= rank < world:

@@ -287,7 +287,6 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
                     counters["skipped"] += 1
             iteration += 1
             dt = time.perf_counter() - t0
-            times.append(dt)
             history.append((iteration, loss))
             stage_tokens = iteration * tokens_per_iter
             consumed = tokens_before + stage_tokens
@@ -323,6 +322,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
                 _print(stdout_line(stage.name, iteration, t.train_iters, values))
 
             reason = stop.check()
+            times.append(time.perf_counter() - t0)  # the whole iteration: checks, trackers, logging included
             done = iteration == t.train_iters
             if save_dir and (done or reason or iteration % cfg.checkpoint.save_interval == 0):
                 common = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
@@ -346,6 +346,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             "tokens_per_sec": (tokens_per_iter * len(steady) / sum(steady)) if steady else None,
             "checkpoint": None if last_path is None else str(last_path), "layout": stage.parallel.model_dump(),
             "skipped_iterations": counters["skipped"], "peak_tflops": peak, "peak_source": peak_src,
+            "step_times": times,
         }
     finally:
         _clear_trackers()
