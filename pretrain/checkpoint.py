@@ -254,9 +254,15 @@ def load(info: CheckpointInfo, model: Sequence, optimizer: Any, *, layout: Any, 
     sd = _sharded(model, optimizer, loading=True, with_rng=full and same_layout, with_optimizer=True)
     state = dist_checkpointing.load(sd, str(info.path))
     _unwrap(model[0]).load_state_dict({_strip(k): v for k, v in state["model"].items()})
+    # Param groups carry their own max_lr/min_lr (Megatron's scheduler prefers them to its own); a new stage
+    # keeps the moments from the checkpoint but its own LR bounds.
+    fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in optimizer.param_groups]
     with _torch_adam_step_shim():
         optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)
+    if not full:
+        for g, f in zip(optimizer.param_groups, fresh):
+            g.update(f)
     if "rng_state" in state:
         set_rng_state(state["rng_state"])
     common = state.get("common", {})

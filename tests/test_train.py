@@ -77,17 +77,25 @@ def test_kill9_resume_is_bit_identical(run_a, tmp_path):
     assert s["losses"] == a["losses"][resumed_at:]  # bit-identical
 
 
+# A process that dies right after dist_checkpointing wrote iteration 4's shards, before the rename. The main guard
+# matters: the torch_dist writer starts helper processes with `spawn`, which re-imports the main module.
 _CRASH = """
 import os, sys
-from megatron.core import dist_checkpointing
-orig = dist_checkpointing.save
-def save(sd, path, *a, **k):
-    orig(sd, path, *a, **k)            # shards written into iter_N.tmp, not yet renamed
-    if path.endswith("iter_0000004.tmp"):
-        os._exit(9)
-dist_checkpointing.save = save
-from pretrain.cli import main
-sys.exit(main(sys.argv[1:]))
+
+def main():
+    from megatron.core import dist_checkpointing
+    orig = dist_checkpointing.save
+
+    def save(sd, path, *a, **k):
+        orig(sd, path, *a, **k)            # shards written into iter_N.tmp, not yet renamed
+        if path.endswith("iter_0000004.tmp"):
+            os._exit(9)
+    dist_checkpointing.save = save
+    from pretrain.cli import main as cli
+    return cli(sys.argv[1:])
+
+if __name__ == "__main__":
+    sys.exit(main())
 """
 
 
@@ -96,8 +104,20 @@ def test_crash_during_checkpoint_write_resumes_from_previous(run_a, tmp_path):
     d = tmp_path / "c"
     base = _cmd(d, nproc=1)[3:]  # single process: no --nproc
     base.remove("--nproc"), base.remove("1")
-    r = subprocess.run([sys.executable, "-c", _CRASH, *base], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 9, r.stderr[-2000:]
+    script = tmp_path / "crash_in_save.py"
+    script.write_text(_CRASH)
+    log = tmp_path / "crash.log"
+    with open(log, "w") as out:  # a file, not a pipe: the dead process's writer helpers may still hold a pipe
+        p = subprocess.Popen([sys.executable, str(script), *base], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # helpers orphaned by the crash
+            except ProcessLookupError:
+                pass
+    assert rc == 9, log.read_text()[-2000:]
     assert (d / "main" / "iter_0000004.tmp").is_dir() and (d / "main" / "latest").read_text().strip() == "iter_0000002"
     summary, _ = _train(d, nproc=1)
     s = summary["stages"][0]
