@@ -97,7 +97,15 @@ class ParallelLayout(BaseModel):
 
         if has_attn:
             tp_divides(m.num_attention_heads, "attention heads", "num_attention_heads")
-            tp_divides(m.num_query_groups, "KV heads (query groups)", "num_query_groups")
+            # Megatron-Core 0.16 (transformer_config.py:939-946) takes tp a divisor OR a multiple of the KV group
+            # count: with tp > groups each group is replicated over tp/groups ranks (attention.py:289), which the
+            # published Nano/Super layouts (TP4, 2 KV groups) rely on.
+            g = m.num_query_groups
+            if g % tp and tp % g:
+                multiples = [g * k for k in range(1, 5)]
+                out.append(f"tp={tp}: KV heads (num_query_groups={g}) and tp must divide one another (each tp rank "
+                           f"holds whole KV groups, or a group is replicated over tp/groups ranks); use tp in "
+                           f"{sorted(set(_divisors(g)) | set(multiples))} or change model.num_query_groups")
         if has_mamba:
             tp_divides(m.mamba_num_heads, "Mamba heads", "mamba_num_heads")
             tp_divides(m.mamba_num_groups, "Mamba groups", "mamba_num_groups")

@@ -52,18 +52,9 @@ def build_problems(cfg: ModelConfig, layout: ParallelLayout) -> list[str]:
     return out
 
 
-def _kv_groups_replicated(cfg: ModelConfig, layout: ParallelLayout, problem: str) -> bool:
-    """True for ParallelLayout's "KV heads not divisible by tp" when tp is a multiple of num_query_groups: Megatron-
-    Core 0.16 accepts that (transformer_config.py:940, "a multiple or divisor"; attention.py:289 replicates the KV
-    group over tp / groups ranks), and the published Super/Nano layouts (TP4, 2 KV groups) rely on it."""
-    return (problem.startswith(f"tp={layout.tp}: KV heads") and layout.tp > cfg.num_query_groups
-            and layout.tp % cfg.num_query_groups == 0)
-
-
 def layout_problems(cfg: ModelConfig, layout: ParallelLayout, world_size: int, seq_length: int,
                     micro_batch_size: int, global_batch_size: int, gpu: Optional[GPUSpec] = None) -> list[str]:
-    out = [p for p in layout.problems(cfg, world_size, seq_length, micro_batch_size, global_batch_size)
-           if not _kv_groups_replicated(cfg, layout, p)]
+    out = layout.problems(cfg, world_size, seq_length, micro_batch_size, global_batch_size)
     out += build_problems(cfg, layout)
     if gpu is not None and layout.tp * layout.etp > 1 and max(layout.tp, layout.etp) > gpu.nvlink_domain:
         out.append(f"tp/etp: tensor parallelism beyond the NVLink domain ({gpu.nvlink_domain} GPUs) is not planned")
