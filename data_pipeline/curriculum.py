@@ -240,7 +240,8 @@ def batches_for(tokens: int, global_batch_size: int, seq_lengths: list[int]) -> 
 
 def plan(curriculum: Curriculum, manifests: Optional[dict] = None, global_batch_size: Optional[int] = None,
          allow_repeat: Optional[bool] = None) -> list[PhasePlan]:
-    """The exact per-phase, per-source plan. With manifests: unknown sources are refused, and sources read
+    """The exact per-phase, per-source plan. `global_batch_size` is the fallback for phases that set none (a
+    phase's own value wins: stages may change the batch, e.g. for long context). With manifests: unknown sources are refused, and sources read
     more than `max_epochs` times are refused (with the epochs shown in the error)."""
     curriculum = load_curriculum(curriculum)
     available = {s: m.tokens for s, m in (manifests or {}).items()}
@@ -260,9 +261,6 @@ def plan(curriculum: Curriculum, manifests: Optional[dict] = None, global_batch_
         if g is None:
             raise CurriculumError(f"phase {p.name!r} has no global_batch_size: set it in the curriculum or "
                                   f"pass one (train.global_batch_size)")
-        if p.global_batch_size and global_batch_size and p.global_batch_size != global_batch_size:
-            raise CurriculumError(f"phase {p.name!r}: curriculum global_batch_size {p.global_batch_size} "
-                                  f"!= {global_batch_size} given by the run")
         n = batches_for(p.tokens, g, p.seq_lengths)
         sched = BlendSchedule(weights, g)
         samples, toks = sched.totals(n, p.seq_lengths)

@@ -275,6 +275,9 @@ class BlendedLoader:
         if seq_length is not None and seq_length not in ph.seq_lengths:
             raise CurriculumError(f"seq_length {seq_length} disagrees with phase {phase!r} of the curriculum "
                                   f"(seq_length {ph.seq_length})")
+        if global_batch_size is not None and ph.global_batch_size not in (None, global_batch_size):
+            raise CurriculumError(f"phase {phase!r}: curriculum global_batch_size {ph.global_batch_size} != "
+                                  f"{global_batch_size} given by the run")
         manifests = load_manifests(shards_dir)
         plans = plan(cur, manifests, global_batch_size)
         pp = plans[cur.phase_index(phase)]

@@ -192,3 +192,20 @@ def test_bad_shards_are_named(data, tmp_path):
     victim.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
     with pytest.raises(ShardError, match=f"{victim.name}.*truncated"):
         drain(verify="size")
+
+
+def test_stage_batch_differs_per_phase_only_checked_for_served_phase(tmp_path):
+    """A long-context stage with its own batch size must not be checked against another phase's batch."""
+    import pytest
+
+    from data_pipeline.curriculum import CurriculumError, load_curriculum, plan
+
+    cur = load_curriculum({"name": "t", "phases": [
+        {"name": "a", "tokens": 4096, "seq_length": 64, "global_batch_size": 8, "blend": {"x": 1}},
+        {"name": "b", "tokens": 4096, "seq_length": 256, "global_batch_size": 4, "blend": {"x": 1}}]})
+    plans = plan(cur, None, 4)
+    assert [p.global_batch_size for p in plans] == [8, 4]
+    from data_pipeline.loader import BlendedLoader
+
+    with pytest.raises((CurriculumError, Exception), match="global_batch_size 8 != 4"):
+        BlendedLoader(tmp_path, cur, phase="a", global_batch_size=4)
