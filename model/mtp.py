@@ -25,6 +25,28 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import make_viewless_tensor
 
 
+class _StackMicrobatch:
+    """What Megatron-Core's pipeline schedule sees as an MTP layer's `transformer_layer`.
+
+    `set_current_microbatch` (pipeline_parallel/schedules.py) writes `layer.transformer_layer.current_microbatch`
+    on every `model.mtp.layers[*]`, as it writes `current_microbatch` on every decoder layer (TE CUDA-graph
+    replay and FP8 keyed per micro-batch read it there). Our block has a stack of layers in that slot, so the
+    value goes to the stack and to each of its layers, exactly where the decoder's layers keep theirs."""
+
+    def __init__(self, stack: torch.nn.Module):
+        self.stack = stack
+
+    @property
+    def current_microbatch(self):
+        return getattr(self.stack, "current_microbatch", None)
+
+    @current_microbatch.setter
+    def current_microbatch(self, value) -> None:
+        self.stack.current_microbatch = value
+        for layer in self.stack.layers:
+            layer.current_microbatch = value
+
+
 class HybridMTPLayer(MultiTokenPredictionLayer):
     """One MTP block (shared across depths). Subclasses Megatron-Core's layer to reuse its embedding/concat/
     post-norm steps; only the constructor (a hybrid stack instead of one TransformerLayer) and the inner call
@@ -55,6 +77,12 @@ class HybridMTPLayer(MultiTokenPredictionLayer):
         self.final_layernorm = build_module(norm, config=config, hidden_size=config.hidden_size,
                                             eps=config.layernorm_epsilon)
         self.offload_context = nullcontext()
+
+    @property
+    def transformer_layer(self) -> _StackMicrobatch:
+        """Upstream's single-layer slot, for the callers that reach into it (the pipeline schedules). A view,
+        not a registered module: parameter names stay `mtp_model_layer.*`."""
+        return _StackMicrobatch(self.mtp_model_layer)
 
     def forward(self, input_ids, position_ids, hidden_states, attention_mask, embedding=None,
                 packed_seq_params=None, **_unused):
