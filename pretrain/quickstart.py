@@ -2,7 +2,7 @@
 
 Each step writes its outputs under --output and a record in `<output>/quickstart/<step>.json`; a rerun reuses
 finished steps (delete a step's record, or pass --fresh, to redo it). Steps run in order:
-corpus -> curate -> tokenizer -> shards -> curriculum (then training and export, as they land).
+corpus -> curate -> tokenizer -> shards -> curriculum -> train (3 stages, 4 gloo ranks) -> export -> generate.
 """
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ import yaml
 @dataclass
 class Quickstart:
     output: Path
-    steps: int = 30  # optimizer steps of the first training stage (later stages scale from it)
+    steps: int = 120  # optimizer steps of the first training stage (later stages scale from it)
     cpus: int = 2  # processes for curation / sharding
     vocab_size: int = 2048
     seq_length: int = 128
     global_batch_size: int = 8
     seed: int = 1234
+    precision: str = "bf16"  # the recipe the training stages emulate
+    mtp_depth: int = 0  # MTP depths of the tiny preset's shared '*E' block
     log: Callable[[str], None] = print
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -105,7 +107,7 @@ class Quickstart:
         code = "python_code"
         prose = [s for s in sources if s != code]
         g, s = self.global_batch_size, self.seq_length
-        p1, p2, p3 = self.steps, max(2, self.steps // 2), max(2, self.steps // 3)
+        p1, p2, p3 = self.steps, max(2, self.steps // 2), max(2, self.steps // 4)
         phase1 = {code: 0.4, **{p: 0.6 / len(prose) for p in prose}}  # diversity
         phase2 = {code: 0.2, **{p: 0.8 / len(prose) for p in prose}}  # quality: more prose
         spec = {
@@ -127,10 +129,99 @@ class Quickstart:
         return {"curriculum": str(path), "plot": str(png),
                 "phases": {p.name: {"batches": p.batches, "seq_lengths": p.seq_lengths} for p in plans}}
 
+    def run_config(self) -> dict:
+        """Three stages on 4 gloo ranks: phase 1 and 2 under a folded layout (TP2 + SP for attention/Mamba/dense,
+        EP2 for the experts, DP2), then long context at 4x the sequence length with CP2 x TP2; NVFP4 emulated."""
+        g, s = self.global_batch_size, self.seq_length
+        phases = self.results["curriculum"]["phases"]
+        folded = {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True, "use_distributed_optimizer": True}
+        return {
+            "model": {"preset": "tiny", "vocab_size": self.results["tokenizer"]["vocab_size"],
+                      "mtp_num_layers": self.mtp_depth},
+            "parallel": folded,
+            "precision": {"recipe": self.precision, "telemetry_interval": 5},
+            "data": {"shards_dir": self.results["shards"]["shards_dir"],
+                     "curriculum": self.results["curriculum"]["curriculum"],
+                     "tokenizer": self.results["tokenizer"]["tokenizer"], "seed": self.seed, "num_workers": 0},
+            "train": {"seq_length": s, "micro_batch_size": 2, "global_batch_size": g, "seed": self.seed,
+                      "lr": 3e-3, "min_lr": 3e-4, "lr_warmup_iters": 3, "lr_decay_style": "constant",
+                      "train_iters": phases["phase1"]["batches"]},
+            "stages": [
+                {"name": "phase1", "phase": "phase1", "train_iters": phases["phase1"]["batches"]},
+                {"name": "phase2", "phase": "phase2", "train_iters": phases["phase2"]["batches"],
+                 "lr_warmup_iters": 0, "lr_decay_style": "cosine"},
+                {"name": "long_context", "phase": "long_context", "train_iters": phases["long_context"]["batches"],
+                 "seq_length": 4 * s, "global_batch_size": g // 2, "micro_batch_size": 1, "lr": 1e-3,
+                 "min_lr": 1e-3, "lr_warmup_iters": 0, "lr_decay_style": "constant",
+                 "parallel": {"tp": 2, "cp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}},
+            ],
+            "checkpoint": {"save": str(self.output / "checkpoints"), "save_interval": 10, "keep_last": 2},
+            "logging": {"log_interval": 5, "tensorboard_dir": str(self.output / "tensorboard")},
+        }
+
+    def train(self) -> dict:
+        import subprocess
+        import sys
+
+        from pretrain.config import build_config
+
+        raw = self.run_config()
+        build_config(raw)  # a bad config fails here, before 4 processes start
+        path = self.output / "run.yaml"
+        path.write_text("# Written by `foldtron quickstart`: rerun with `foldtron train --config THIS --nproc 4`.\n"
+                        + yaml.safe_dump(raw, sort_keys=False))
+        summary_path = self.output / "train_summary.json"
+        cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(path), "--nproc", "4",
+               "--summary", str(summary_path)]
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            raise RuntimeError(f"training failed (exit code {rc}); rerun `{' '.join(cmd)}` to see or resume it")
+        summary = json.loads(summary_path.read_text())
+        stages = {}
+        for st in summary["stages"]:
+            losses = st.get("losses") or []
+            stages[st["name"]] = {"first_loss": losses[0] if losses else None,
+                                  "last_loss": losses[-1] if losses else None,
+                                  "iterations": len(losses), "tokens_per_sec": st.get("tokens_per_sec"),
+                                  "checkpoint": st.get("checkpoint")}
+        return {"run_config": str(path), "summary": str(summary_path), "stages": stages,
+                "checkpoints": str(self.output / "checkpoints"), "tensorboard": str(self.output / "tensorboard")}
+
+    def export(self) -> dict:
+        """Hugging Face NemotronH export of the final checkpoint, verified against Foldtron's own forward."""
+        from pretrain.export_hf import export_hf, verify_export
+
+        out = self.output / "hf"
+        res = export_hf(self.results["train"]["checkpoints"], out, dtype="fp32",
+                        config=self.results["train"]["run_config"], overwrite=True)
+        check = verify_export(out, self.results["train"]["checkpoints"], config=self.results["train"]["run_config"])
+        if not (check["greedy_equal"] and check["logits_max_rel_diff"] < 1e-4):
+            raise RuntimeError(f"the export does not reproduce Foldtron: max |dlogits| {check['logits_max_abs_diff']:.3g}"
+                               f", greedy tokens equal: {check['greedy_equal']}")
+        return {"hf_dir": str(out), "export": {k: v for k, v in res.items() if isinstance(v, (int, float, str))},
+                "verify": {k: check[k] for k in ("logits_max_abs_diff", "logits_max_rel_diff", "per_layer_kind",
+                                                 "greedy_equal", "mtp_tensors_exported")}}
+
+    def generate(self) -> dict:
+        """Load the export with plain `transformers` (as a serving stack would) and continue a prompt."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf = self.results["export"]["hf_dir"]
+        tok = AutoTokenizer.from_pretrained(hf)
+        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+        prompt = "def read_file(path):\n    "
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=24, do_sample=False)
+        text = tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
+        return {"model_class": type(model).__name__, "prompt": prompt, "completion": text,
+                "parameters": sum(p.numel() for p in model.parameters())}
+
     # ------------------------------------------------------------------------------------------ the run
     def run(self) -> dict:
         t0 = time.time()
-        for name in ("corpus", "curate", "tokenizer", "shards", "curriculum"):
+        for name in ("corpus", "curate", "tokenizer", "shards", "curriculum", "train", "export", "generate"):
             self.run_step(name, getattr(self, name))
         self.results["total_seconds"] = round(time.time() - t0, 1)
         self.log(self.summary())
@@ -151,6 +242,22 @@ class Quickstart:
             f"  shards      {sh['tokens']:,} tokens in "
             f"{sum(v['shards'] for v in sh['sources'].values())} webdataset shards  ({sh['shards_dir']})",
             f"  curriculum  {phases}  (plot {r['curriculum']['plot']})",
+            f"  train       4 gloo ranks; phase 1/2: TP2+SP x EP2 (folded) x DP2, long context: TP2 x CP2 x EP2;"
+            f" {self.precision}",
+        ]
+        for name, st in r["train"]["stages"].items():
+            tps = f"{st['tokens_per_sec']:.0f} tokens/s" if st.get("tokens_per_sec") else ""
+            first = f"{st['first_loss']:.3f}" if st["first_loss"] is not None else "?"
+            last = f"{st['last_loss']:.3f}" if st["last_loss"] is not None else "?"
+            lines.append(f"    {name:<14} loss {first} -> {last} over {st['iterations']} steps  {tps}")
+        lines += [
+            f"  checkpoints {r['train']['checkpoints']}",
+            f"  export      {r['export']['hf_dir']} (NemotronHForCausalLM; max |dlogits| vs Foldtron "
+            f"{r['export']['verify']['logits_max_abs_diff']:.2g}, greedy tokens equal: "
+            f"{r['export']['verify']['greedy_equal']})",
+            f"  generate    transformers {r['generate']['model_class']}: {r['generate']['prompt']!r} -> "
+            f"{r['generate']['completion']!r}",
+            f"  tensorboard tensorboard --logdir {r['train']['tensorboard']} --host 127.0.0.1",
             f"  total       {r['total_seconds']:.0f} s",
             "",
             "Next: scale up with examples/slurm/ and examples/configs/{nano-30b-a3b,super-120b-a12b}.yaml.",
@@ -158,7 +265,7 @@ class Quickstart:
         return "\n".join(lines)
 
 
-def run_quickstart(output: str | Path = "runs/quickstart", *, steps: int = 30, cpus: int = 2, fresh: bool = False,
+def run_quickstart(output: str | Path = "runs/quickstart", *, steps: int = 120, cpus: int = 2, fresh: bool = False,
                    log: Optional[Callable[[str], None]] = None) -> dict:
     out = Path(output)
     if fresh and out.exists():
