@@ -3,7 +3,8 @@
 Layout of a run directory (`checkpoint.save`):
 
     <run>/<stage>/iter_0000040/      one dist_checkpointing checkpoint (torch_dist shards + common.pt + ...)
-    <run>/<stage>/iter_0000040/foldtron.json   what and where: stage, iteration, layout, tokens (read first)
+    <run>/<stage>/iter_0000040/foldtron.json   what and where: stage, iteration, layout, tokens (read first);
+                                               model config and tokenizer when the run recorded them (record_run)
     <run>/<stage>/latest             the name of the newest complete checkpoint of the stage ("iter_0000040")
 
 A save goes to `iter_N.tmp/`, then (after every rank finished writing) is renamed to `iter_N/`, then `latest`
@@ -36,6 +37,20 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 META = "foldtron.json"
 _ITER = re.compile(r"^iter_(\d{7,})$")
+
+
+#: What the run records in every checkpoint's foldtron.json besides its own position (`record_run`).
+_run_meta: dict = {}
+
+
+def record_run(cfg: Any) -> None:
+    """Write the run's model config and tokenizer into the foldtron.json of every checkpoint this process saves
+    from now on, so a checkpoint is exportable on its own (`foldtron export-hf --checkpoint DIR`, no --config).
+    The tokenizer path is made absolute: the export may run from another directory."""
+    tok = cfg.data.tokenizer
+    _run_meta.clear()
+    _run_meta.update(model=cfg.model.model_dump(mode="json"),
+                     tokenizer=None if tok is None else str(Path(tok).resolve()))
 
 
 def iter_name(iteration: int) -> str:
@@ -166,7 +181,7 @@ def save(run_dir: str | Path, stage: str, iteration: int, model: Sequence, optim
     if rank == 0:
         meta = {"stage": stage, "iteration": iteration, "world_size": world,
                 "layout": layout.model_dump(mode="json"),
-                **{k: common[k] for k in ("consumed_samples", "consumed_tokens") if k in common}}
+                **{k: common[k] for k in ("consumed_samples", "consumed_tokens") if k in common}, **_run_meta}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         os.replace(tmp, final)
         ptr_tmp = sdir / "latest.tmp-ptr"

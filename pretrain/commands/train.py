@@ -42,20 +42,27 @@ def _spawn(args: argparse.Namespace) -> int:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "pretrain.cli", "train"] + (["--config", args.config] if args.config else [])
     cmd += list(args.overrides) + (["--summary", args.summary] if args.summary else [])
-    procs = []
-    for r in range(args.nproc):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(r),
-                   LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        procs.append(subprocess.Popen(cmd, env=env))
+    procs: list[subprocess.Popen] = []
 
     def forward(signum, frame):  # Slurm/the user signals the launcher: every rank must see it
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # Before the first rank starts, so that no signal finds the launcher without its handler.
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
+        # The ranks start with SIGTERM/SIGUSR1 blocked (a mask survives exec) until their catch_early(): one
+        # forwarded while a rank still starts Python waits for its handler. Here it waits for all ranks to exist.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGUSR1))
+        try:
+            for r in range(args.nproc):
+                env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(r),
+                           LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+                procs.append(subprocess.Popen(cmd, env=env))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         codes: dict[int, int] = {}
         while len(codes) < len(procs):
             for r, p in enumerate(procs):
@@ -79,12 +86,17 @@ def _spawn(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         return _spawn(args)
+    from pretrain import signals
+
+    signals.catch_early()  # before torch is imported: a signal during start-up stops after step one, saved
     import torch.distributed as dist
 
+    from pretrain import checkpoint
     from pretrain.config import load_config
     from pretrain.train import run_training
 
     cfg = load_config(args.config, args.overrides)
+    checkpoint.record_run(cfg)  # checkpoints name their model and tokenizer: export-hf needs no --config
     summary = run_training(cfg)
     if args.summary and dist.get_rank() == 0:
         tmp = args.summary + ".tmp"
