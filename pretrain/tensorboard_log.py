@@ -64,14 +64,17 @@ class TrainLogger:
 
             self.writer = SummaryWriter(log_dir=tb_dir, max_queue=100)
 
-    def scalars(self, values: dict[str, float], iteration: int, tokens: int) -> None:
+    def scalars(self, values: dict[str, float], iteration: int, tokens: int, vs_tokens: bool = True) -> None:
+        """`vs_tokens=False` for per-module diagnostics (quantization telemetry): hundreds of tags, and a
+        second copy of each against tokens would only double the event file."""
         if self.writer is None:
             return
         for name, v in values.items():
             if v is None:
                 continue
             self.writer.add_scalar(name, float(v), iteration)
-            self.writer.add_scalar(f"{name} vs tokens", float(v), tokens)
+            if vs_tokens:
+                self.writer.add_scalar(f"{name} vs tokens", float(v), tokens)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -140,19 +140,46 @@ class _ExpertLoadProbe:
 # --------------------------------------------------------------------------------------------------------
 # One stage
 
-def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider):
+def make_telemetry(stage: Stage):
+    """Quantization telemetry for a low-precision stage (`precision.telemetry_interval` > 0), else None."""
+    from model.precision import LOW_PRECISION
+
+    prec = stage.precision
+    if prec.recipe not in LOW_PRECISION or prec.telemetry_interval == 0:
+        return None
+    from kernels.telemetry import QuantTelemetry
+
+    return QuantTelemetry(prec.telemetry_interval)
+
+
+def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None):
+    """The stage's model chunk(s), DDP-wrapped, with optimizer and scheduler.
+
+    A low-precision recipe (nvfp4/mxfp8) is built with the BF16 policy (build_model only builds high-precision
+    models) and then has its linears routed through the emulated recipe by `model.lowp.apply_precision`, on the
+    bare chunk: the policy matches Megatron names (`decoder.layers.N.`, `mtp.`), which Float16Module and DDP
+    prefix with `module.`. The patch is per instance and keeps parameters, so DDP buffers and checkpoints are
+    the BF16 model's."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.module import Float16Module
 
+    from model.lowp import apply_precision
+    from model.precision import LOW_PRECISION
     from pretrain.optimizer import build_optimizer, install_grad_sync, wrap_ddp
     from pretrain.schedules import build_scheduler
 
     if stage.parallel.vpp:
         raise ValueError(f"stage {stage.name}: virtual pipeline (parallel.vpp) is not supported by the loop yet")
     bf16 = stage.precision.recipe != "fp32"
+    lowp = stage.precision.recipe in LOW_PRECISION
+    build_precision = stage.precision.model_copy(update={"recipe": "bf16"}) if lowp else stage.precision
     chunk = provider(cfg.model, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                     parallel_kwargs=parallel_kwargs(stage), precision=stage.precision)
+                     parallel_kwargs=parallel_kwargs(stage), precision=build_precision)
     chunk.config.calculate_per_token_loss = True
+    if lowp:
+        # The chunk already computes in BF16: BF16-policy linears need no emulated rounding.
+        apply_precision(chunk, stage.precision, num_layers=cfg.model.num_layers, seed=stage.train.seed,
+                        telemetry=telemetry, emulate_bf16=False)
     if bf16:
         chunk = Float16Module(chunk.config, chunk)
     model = wrap_ddp([chunk], stage.parallel, bf16)
@@ -195,7 +222,8 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             raise ValueError(f"stage {stage.name}: seq_length {t.seq_length} must divide into 2*cp="
                              f"{2 * stage.parallel.cp} chunks for context parallelism")
         num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-        model, optimizer, scheduler = _build(cfg, stage, provider)
+        telemetry = make_telemetry(stage)
+        model, optimizer, scheduler = _build(cfg, stage, provider, telemetry)
         loader = make_loader(cfg, stage, dp_rank, dp)
 
         # ---- where to start
@@ -252,6 +280,8 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             log_step = (iteration + 1) % cfg.logging.log_interval == 0 or iteration + 1 == t.train_iters
             probe.want = log_step and cfg.logging.log_moe_expert_load
             t0 = time.perf_counter()
+            # Arms the probes for this step; counted over the whole run so the interval spans stages.
+            quant_step = telemetry is not None and telemetry.step(step_offset + iteration + 1)
             for m in model:
                 m.zero_grad_buffer()
             optimizer.zero_grad()
@@ -320,6 +350,12 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
                     values[f"data/source-fraction/{src}"] = n / t.global_batch_size
                 logger.scalars(values, step_offset + iteration, consumed)
                 _print(stdout_line(stage.name, iteration, t.train_iters, values))
+
+            if quant_step:
+                # Every rank reads (and resets) its own accumulators; the last rank's are logged (its layers).
+                logger.scalars(telemetry.scalars(prefix=stage.precision.recipe), step_offset + iteration, consumed,
+                               vs_tokens=False)
+                telemetry.active = False
 
             reason = stop.check()
             times.append(time.perf_counter() - t0)  # the whole iteration: checks, trackers, logging included

@@ -1,7 +1,9 @@
 """The training loop end to end through `foldtron train --nproc N` (gloo ranks on 127.0.0.1, tiny hybrid model,
 synthetic data): determinism, bit-identical resume after kill -9, a crash inside a checkpoint write, resume under
-another layout, and the three-stage example with its TensorBoard scalars served by a real tensorboard."""
+another layout, the three-stage example (with MTP) and its TensorBoard scalars served by a real tensorboard, and
+an emulated-NVFP4 run with quantization telemetry."""
 import json
+import math
 import os
 import random
 import shutil
@@ -139,7 +141,7 @@ def test_resume_under_another_layout(run_a, tmp_path):
     assert s["losses"] == pytest.approx(a["losses"][4:], abs=1e-5)
 
 
-SCALARS = ["lm loss", "learning-rate", "grad-norm", "params-norm", "batch-size", "iteration-time", "throughput",
+SCALARS = ["lm loss", "mtp loss", "mtp_1 loss", "learning-rate", "grad-norm", "params-norm", "batch-size", "iteration-time", "throughput",
            "mfu", "tokens-per-sec", "consumed-tokens", "mem-allocated-bytes", "mem-max-allocated-bytes",
            "seq_load_balancing_loss"]
 
@@ -173,6 +175,8 @@ def test_three_stages_and_tensorboard(tmp_path):
         assert name in tags and f"{name} vs tokens" in tags, name
     assert any(t.startswith("moe/") and t.endswith("expert-load-max-over-mean") for t in tags)
     assert "data/source-fraction/synthetic" in tags
+    mtp = [e.value for e in acc.Scalars("mtp loss")]  # the tiny example trains with 2 MTP depths
+    assert len(mtp) == 12 and all(0 < v < 20 for v in mtp)
     lr = [e.value for e in acc.Scalars("learning-rate")]
     assert len(lr) == 12 and lr[-1] == pytest.approx(1e-5)  # 6 + 4 + 2 iterations; long context at constant 1e-5
 
@@ -197,3 +201,39 @@ def test_three_stages_and_tensorboard(tmp_path):
     finally:
         tb.terminate()
         tb.wait(timeout=30)
+
+
+def test_nvfp4_with_mtp_and_telemetry(tmp_path):
+    """precision.recipe=nvfp4: built in BF16, linears patched by model.lowp; telemetry lands in TensorBoard."""
+    d = tmp_path / "fp4"
+    # A bigger batch than BASE's (still ~15 s): per-batch noise of 8 samples hides the trend over a few steps.
+    mine = ["precision.recipe=nvfp4", "precision.telemetry_interval=3", "train.lr=3e-3", "train.seq_length=64",
+            "train.micro_batch_size=8", "train.global_batch_size=32", "train.train_iters=8",
+            "checkpoint.save_interval=100"]
+    keys = {a.split("=")[0] for a in mine} | {"model.mtp_num_layers"}
+    base = [a for a in BASE if a.split("=")[0] not in keys] + mine
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--nproc", "2", *base, f"checkpoint.save={d}", f"logging.tensorboard_dir={d}/tb", "--summary", str(tmp_path / "s.json")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    losses = json.loads((tmp_path / "s.json").read_text())["stages"][0]["losses"]
+    assert len(losses) == 8 and all(map(math.isfinite, losses))
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses  # learning, through 4-bit GEMMs
+    assert "mtp loss:" in r.stdout
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(d / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert "mtp loss" in tags
+    quant = {t for t in tags if t.startswith("nvfp4/")}
+    # an NVFP4 MoE expert (forward input, backward gradient) and the MXFP8 Mamba out_proj carve-out
+    for tag in ("nvfp4/decoder.layers.3.mlp.experts.local_experts.0.linear_fc1/fprop.x/flushed",
+                "nvfp4/decoder.layers.3.mlp.experts.local_experts.0.linear_fc1/dgrad.dy/rel_error",
+                "nvfp4/decoder.layers.0.mixer.out_proj/fprop.x/saturated"):
+        assert tag in quant, sorted(quant)[:20]
+    assert not any(".linear_qkv/" in t or t.startswith("nvfp4/mtp.") for t in quant)  # BF16 by the policy
+    steps = [e.step for e in acc.Scalars("nvfp4/decoder.layers.3.mlp.experts.local_experts.0.linear_fc1/fprop.x/rel_error")]
+    assert steps == [3, 6]
+    err = [e.value for e in acc.Scalars("nvfp4/decoder.layers.3.mlp.experts.local_experts.0.linear_fc1/fprop.x/rel_error")]
+    assert all(0.01 < e < 0.5 for e in err), err  # 4-bit error: clearly nonzero, far from garbage
