@@ -36,6 +36,22 @@ def test_every_layer_kind_and_megatron_names(single_process):
     assert all(n.endswith("conv1d.bias") for n in names if n.endswith(".bias"))
 
 
+def test_pipeline_schedule_sets_microbatch_on_mtp_layers(single_process):
+    """Megatron-Core's schedules write `mtp.layers[i].transformer_layer.current_microbatch` (upstream's one-layer
+    slot); ours has a stack there, whose layers must get it like the decoder's — without new parameter names."""
+    from megatron.core.pipeline_parallel.schedules import set_current_microbatch
+
+    model = build_model(get_preset("tiny"))
+    names = {n for n, _ in model.named_parameters()}
+    set_current_microbatch(model, 3)
+    assert all(layer.current_microbatch == 3 for layer in model.decoder.layers)
+    stack = model.mtp.layers[0].mtp_model_layer
+    assert len(stack.layers) == 2 and all(layer.current_microbatch == 3 for layer in stack.layers)
+    assert model.mtp.layers[0].transformer_layer.current_microbatch == 3
+    assert {n for n, _ in model.named_parameters()} == names
+    assert not any("transformer_layer" in n for n in names)
+
+
 def test_forward_backward_all_grads_and_mtp_in_gradient(single_process):
     cfg = get_preset("tiny")
     model = build_model(cfg)
