@@ -201,7 +201,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     (parallel_state.initialize_model_parallel; `init_single_process()` for one CPU process).
     `config`: a TransformerConfig to use instead of `transformer_config(cfg)` (for parallel settings).
     `precision`: a model.precision.PrecisionConfig; only high-precision recipes (fp32/bf16) are built here,
-    low-precision GEMMs are the NVFP4 engineer's layer on top.
+    low-precision GEMMs are a layer on top (model.lowp.apply_precision; pretrain/train.py does both).
     """
     _mcore()
     from megatron.core import parallel_state
@@ -213,7 +213,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
                          "use vpp=None for the hybrid model")
     if precision is not None and getattr(precision, "recipe", "bf16") not in ("bf16", "fp32"):
         raise ValueError(f"precision recipe {precision.recipe!r} is applied by the precision layer, not build_model; "
-                         "build with a bf16/fp32 policy and wrap")
+                         "build with a bf16/fp32 policy and wrap it with model.lowp.apply_precision")
     be = resolve_backend(backend)
     tc = config if config is not None else transformer_config(cfg)
     parse_pattern(cfg.hybrid_override_pattern, cfg.num_layers)

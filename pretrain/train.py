@@ -11,7 +11,10 @@ A NaN/Inf in the loss or in any gradient on any rank skips the update for every 
 still count, as in Megatron), and `train.max_consecutive_nan_skips` in a row abort with a clear error.
 
 The model comes from a provider, `provider(model_cfg, *, pre_process, post_process, parallel_kwargs, precision)`,
-default `model.build.build_model`; tests and benchmarks may pass another one.
+default `model.build.build_model`; tests and benchmarks may pass another one. The provider always gets a
+high-precision policy: `precision.recipe: nvfp4|mxfp8` builds BF16 and routes the linears through the emulated
+recipe (`model.lowp.apply_precision`); with `precision.telemetry_interval` > 0 the quantization statistics go to
+TensorBoard as `<recipe>/<module>/<role>/{flushed,saturated,rel_error}` every that many (run-global) steps.
 """
 from __future__ import annotations
 

@@ -141,7 +141,8 @@ def test_resume_under_another_layout(run_a, tmp_path):
     assert s["losses"] == pytest.approx(a["losses"][4:], abs=1e-5)
 
 
-SCALARS = ["lm loss", "mtp loss", "mtp_1 loss", "learning-rate", "grad-norm", "params-norm", "batch-size", "iteration-time", "throughput",
+SCALARS = ["lm loss", "mtp loss", "mtp_1 loss", "learning-rate",
+           "grad-norm", "params-norm", "batch-size", "iteration-time", "throughput",
            "mfu", "tokens-per-sec", "consumed-tokens", "mem-allocated-bytes", "mem-max-allocated-bytes",
            "seq_load_balancing_loss"]
 
