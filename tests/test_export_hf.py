@@ -344,3 +344,9 @@ def test_export_from_training_loop_checkpoint(tmp_path):
     v = verify_export(tmp_path / "hf", tmp_path / "run", config=tmp_path / "run.yaml")
     assert v["logits_max_rel_diff"] <= 1e-4 and v["greedy_equal"], v
     assert v["checkpoint"].endswith("iter_0000002")
+    # foldtron train records the model config in foldtron.json: the checkpoint exports on its own.
+    from pretrain.cli import main
+
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf2"),
+                 "--dtype", "fp32"]) == 0
+    assert (tmp_path / "hf2" / "config.json").read_text() == (tmp_path / "hf" / "config.json").read_text()
