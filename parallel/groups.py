@@ -48,7 +48,7 @@ def setup(layout: ParallelLayout, seed: int = 1234, *, model_cfg: Optional["Mode
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from parallel import aux_loss, context_parallel
+    from parallel import aux_loss, context_parallel, expert_grads
 
     if not dist.is_initialized():
         raise RuntimeError("parallel.groups.setup needs torch.distributed initialised (torchrun/srun or init_process_group)")
@@ -74,6 +74,7 @@ def setup(layout: ParallelLayout, seed: int = 1234, *, model_cfg: Optional["Mode
     if layout.cp > 1:
         context_parallel.install()
     aux_loss.install()
+    expert_grads.install()
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 
