@@ -9,43 +9,14 @@ per-token scaling, MoE expert-bias update) once per global batch.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
+# Megatron-Core's optimizers check CUDA `param.type()` names; the CPU answer lives with the other CPU patches.
+from model.mcore_compat import cpu_type_names
 from parallel.layout import ParallelLayout
 from pretrain.config import TrainConfig
-
-
-_CUDA_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
-               "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
-
-
-@contextlib.contextmanager
-def cpu_type_names() -> Iterator[None]:
-    """Megatron-Core's optimizers classify parameters by `param.type()` strings that only CUDA tensors have
-    (optimizer/distrib_optimizer.py:361,420,582, optimizer/optimizer.py:671,690, optimizer/clip_grads.py:167):
-    on CPU they raise "Wrapped parameters must be one of torch.cuda.FloatTensor ...". While this is active and
-    CUDA is absent, a CPU tensor's zero-argument `.type()` answers the CUDA name of its dtype. Scoped to
-    optimizer construction and step (the only callers), not applied with CUDA.
-    TODO(mcore_compat owner): move into model/mcore_compat.py with the other CPU patches."""
-    if torch.cuda.is_available():
-        yield
-        return
-    orig = torch.Tensor.type
-
-    def type_(self, dtype=None, non_blocking=False, **kwargs):
-        if dtype is None and not kwargs:
-            name = orig(self)
-            return _CUDA_NAMES.get(name, name)
-        return orig(self, dtype, non_blocking, **kwargs)
-
-    torch.Tensor.type = type_
-    try:
-        yield
-    finally:
-        torch.Tensor.type = orig
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], layout: ParallelLayout, bf16: bool) -> list:
@@ -110,8 +81,8 @@ def grads_finite(model: Sequence) -> bool:
 def params_norm(model: Sequence) -> float:
     """L2 norm of all parameters, each counted once across TP/PP/EP/DP (Megatron's `calc_params_l2_norm`)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.module import param_is_not_shared
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
 
     dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for chunk in model:
