@@ -150,7 +150,7 @@ def write_manpages(man_dirs: list[Path], out: Path) -> int:
 
 def build_default_corpus(out_dir: str | Path, man_root: str | Path = "/usr/share/man") -> Path:
     """Write OUT/corpus/python_docs.jsonl and OUT/corpus/sources.yaml; return the sources YAML path."""
-    out = Path(out_dir) / "corpus"
+    out = Path(out_dir).resolve() / "corpus"  # the YAML resolves relative paths against its own folder
     docs = out / "python_docs.jsonl"
     if not docs.exists():
         write_python_docs(docs)

@@ -25,8 +25,8 @@ class Quickstart:
     seq_length: int = 128
     global_batch_size: int = 8
     seed: int = 1234
-    precision: str = "bf16"  # the recipe the training stages emulate
-    mtp_depth: int = 0  # MTP depths of the tiny preset's shared '*E' block
+    precision: str = "nvfp4"  # the recipe the training stages emulate (NVFP4 with the published carve-outs)
+    mtp_depth: int = 2  # MTP depths of the tiny preset's shared '*E' block
     log: Callable[[str], None] = print
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -267,7 +267,7 @@ class Quickstart:
 
 def run_quickstart(output: str | Path = "runs/quickstart", *, steps: int = 120, cpus: int = 2, fresh: bool = False,
                    log: Optional[Callable[[str], None]] = None) -> dict:
-    out = Path(output)
+    out = Path(output).resolve()
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

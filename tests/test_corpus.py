@@ -1,5 +1,6 @@
 """The quickstart's embedded corpus is real text from this machine and a valid sources YAML."""
 import json
+from pathlib import Path
 
 from data_pipeline.corpus import build_default_corpus
 from data_pipeline.sources import load_sources
@@ -29,3 +30,12 @@ def test_render_man_page():
            'A library routine\n.BR glob (3)\nexists.\n.PP\nIt matches \\[aq]?\\[aq] and \\fIfiles\\fP.\n')
     text = render_man(src)
     assert text == "NAME\n\nglob - globbing pathnames\n\nDESCRIPTION\n\nA library routine glob(3) exists.\n\nIt matches '?' and files.\n"
+
+
+def test_relative_output_dir(tmp_path, monkeypatch):
+    """A relative --output (the Makefile's runs/quickstart) must give a sources YAML whose paths resolve."""
+    monkeypatch.chdir(tmp_path)
+    path = build_default_corpus("runs/qs")
+    for spec in load_sources(path):
+        for p in spec.paths:
+            assert Path(p).exists(), p
