@@ -121,7 +121,12 @@ def init_single_process(seed: int = 1234, **parallel_sizes: int) -> None:
 
 
 class _ModelClass:
-    """Built lazily so importing model.build does not import Megatron-Core."""
+    """Built lazily so importing model.build does not import Megatron-Core.
+
+    Call `get()` before entering a meta-device context: Megatron-Core's MTPLossAutoScaler holds a class-level
+    `torch.tensor(1.0)` created at import time, and a first import under `torch.device("meta")` would leave it on
+    meta for the rest of the process (every later MTP backward then fails with a device mismatch).
+    """
 
     cls = None
 

@@ -166,6 +166,9 @@ class _MetaFactories(TorchFunctionMode):
 
 @contextlib.contextmanager
 def meta_device():
+    from .build import _ModelClass
+
+    _ModelClass.get()  # import Megatron-Core outside the meta context (see _ModelClass)
     with _MetaFactories(), torch.device("meta"):
         yield
 

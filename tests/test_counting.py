@@ -55,3 +55,35 @@ def test_forward_flops_match_flop_counter(single_process, preset):
     # The local attention computes the full s x s score matrix: compare with causal=False.
     analytic = forward_flops(cfg, s, causal=False)["total"]
     assert abs(counted - analytic) / analytic <= 0.005, (counted, analytic)
+
+
+def test_meta_build_first_leaves_mtp_backward_working(tmp_path):
+    """A fresh process whose first Megatron-Core import happens through a meta build must still train with MTP
+    afterwards (Megatron's MTPLossAutoScaler keeps a class-level tensor made at import time)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from model.build import build_model, init_single_process
+        from model.counting import meta_param_count
+        from model.presets import get_preset
+        init_single_process(seed=3)
+        cfg = get_preset("tiny")
+        assert cfg.mtp_num_layers, "the tiny preset is expected to carry MTP"
+        meta_param_count(cfg)
+        from pretrain.export_hf import meta_model
+        meta_model(cfg)
+        from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+        assert MTPLossAutoScaler.main_loss_backward_scale.device.type == "cpu"
+        model = build_model(cfg)
+        tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+        pos = torch.arange(32).expand(2, 32)
+        loss = model(tokens, pos, None, labels=tokens).float().mean()
+        loss.backward()
+        print("OK")
+    """)
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
