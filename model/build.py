@@ -21,7 +21,6 @@ MoE bookkeeping the training loop must know about (Megatron-Core 0.16.1's real m
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -107,14 +106,10 @@ def init_single_process(seed: int = 1234, **parallel_sizes: int) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        # An in-memory store: no TCP port, and nothing written to os.environ. Exporting MASTER_PORT here once leaked
+        # this process's listening port into every child it later spawned (torchrun-style ranks, sbatch jobs), whose
+        # own stores then failed with EADDRINUSE.
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(**parallel_sizes)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -57,7 +57,7 @@ def test_forward_flops_match_flop_counter(single_process, preset):
     assert abs(counted - analytic) / analytic <= 0.005, (counted, analytic)
 
 
-def test_meta_build_first_leaves_mtp_backward_working(tmp_path):
+def test_meta_build_first_leaves_mtp_backward_working():
     """A fresh process whose first Megatron-Core import happens through a meta build must still train with MTP
     afterwards (Megatron's MTPLossAutoScaler keeps a class-level tensor made at import time)."""
     import subprocess
@@ -69,7 +69,10 @@ def test_meta_build_first_leaves_mtp_backward_working(tmp_path):
         from model.build import build_model, init_single_process
         from model.counting import meta_param_count
         from model.presets import get_preset
+        import os
         init_single_process(seed=3)
+        # No TCP store, nothing exported: children spawned later must not inherit a port this process holds.
+        assert "MASTER_PORT" not in os.environ and "MASTER_ADDR" not in os.environ
         cfg = get_preset("tiny")
         assert cfg.mtp_num_layers, "the tiny preset is expected to carry MTP"
         meta_param_count(cfg)
@@ -85,5 +88,7 @@ def test_meta_build_first_leaves_mtp_backward_working(tmp_path):
         print("OK")
     """)
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
