@@ -8,19 +8,18 @@ reduced over the dense DP x CP group. That is only right when the expert grid eq
 ranks that hold the same expert weights form the expert data-parallel group, not the dense one. Measured on the
 matrix test (tp2, ep1, etp1): each TP rank kept its own partial expert gradient, 0.6-0.8 relative off.
 
-The fix marks expert weights `allreduce=False` whenever the two grids differ, so DDP puts them in its expert
-buckets and reduces them over `expt_dp` (built by parallel_state for exactly this folding).
+The fix marks every expert weight `allreduce=False`, so DDP puts it in its expert buckets and reduces it over
+`expt_dp` (built by parallel_state for exactly this folding). When the grids are equal (e.g. dp2 alone) `expt_dp`
+is the dense DP group, so the reduction is unchanged; marking always (not only when folded) keeps Megatron's
+optimizer layout-independent: an MoE model always gets the dense + expert ChainedOptimizer, so the checkpoint keys
+(`chained_0.` / `chained_1.`) are the same under every layout and a run can resume or start a stage under another
+one (marking only when folded gave dp2 checkpoints without the prefix, which tp2 and cp2 runs could not load).
 """
 from __future__ import annotations
 
 import torch
 
 _INSTALLED = False
-
-
-def _folded(config) -> bool:
-    return (config.expert_tensor_parallel_size or config.tensor_model_parallel_size) * \
-        config.expert_model_parallel_size != config.tensor_model_parallel_size * config.context_parallel_size
 
 
 def install() -> None:
@@ -35,7 +34,7 @@ def install() -> None:
 
         def __init__(self, *args, __orig=orig, **kwargs):
             __orig(self, *args, **kwargs)
-            if getattr(self, "is_expert", False) and not self.expert_parallel and _folded(self.config):
+            if getattr(self, "is_expert", False) and not self.expert_parallel:
                 for p in (getattr(self, "weight", None), getattr(self, "bias", None)):
                     if isinstance(p, torch.nn.Parameter):
                         p.allreduce = False
