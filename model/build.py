@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
-from .pattern import parse_pattern, split_pipeline
+from .pattern import parse_pattern, pipeline_chunks
 
 
 def _mcore():
@@ -141,7 +141,13 @@ def _define_hybrid_model():
     )
 
     class HybridModel(MambaModel):
-        """MambaModel + the hybrid MTP block. Without MTP (or in inference) it is MambaModel unchanged."""
+        """MambaModel + the hybrid MTP block. Without MTP (or in inference) it is MambaModel unchanged.
+        Under interleaved pipelining the model chunk's vp_stage rides in the stack spec (MambaModel takes none);
+        `vp_stage` is set from the stack before LanguageModule's embedding setup and Float16Module read it."""
+
+        def setup_embeddings_and_output_layer(self) -> None:
+            self.vp_stage = getattr(self.decoder, "vp_stage", None)
+            super().setup_embeddings_and_output_layer()
 
         def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
                     decoder_input: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -208,9 +214,6 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
 
     from .specs import column_linear_spec, hybrid_stack_spec, norm_spec, resolve_backend
 
-    if vp_stage is not None:
-        raise ValueError("Megatron-Core 0.16.1's MambaStack has no virtual pipeline stages (ssm/mamba_block.py:177); "
-                         "use vpp=None for the hybrid model")
     if precision is not None and getattr(precision, "recipe", "bf16") not in ("bf16", "fp32"):
         raise ValueError(f"precision recipe {precision.recipe!r} is applied by the precision layer, not build_model; "
                          "build with a bf16/fp32 policy and wrap it with model.lowp.apply_precision")
@@ -218,11 +221,18 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     tc = config if config is not None else transformer_config(cfg)
     parse_pattern(cfg.hybrid_override_pattern, cfg.num_layers)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    split_pipeline(cfg.hybrid_override_pattern, pp, tc.num_layers_in_first_pipeline_stage,
-                   tc.num_layers_in_last_pipeline_stage)
+    vpp = tc.virtual_pipeline_model_parallel_size
+    pipeline_chunks(cfg.hybrid_override_pattern, pp, vpp, tc.num_layers_in_first_pipeline_stage,
+                    tc.num_layers_in_last_pipeline_stage)
+    if (vpp is not None) != (vp_stage is not None):
+        raise ValueError(f"vp_stage={vp_stage} with virtual_pipeline_model_parallel_size={vpp}: under interleaved "
+                         "pipelining build one model chunk per virtual stage (vp_stage 0..vpp-1), otherwise none")
+    if vp_stage is not None and not 0 <= vp_stage < vpp:
+        raise ValueError(f"vp_stage={vp_stage} is outside 0..{vpp - 1} (virtual_pipeline_model_parallel_size={vpp})")
     model = _ModelClass.get()(
         config=tc,
-        mamba_stack_spec=hybrid_stack_spec(be, cfg.num_moe_experts, cfg.mamba_chunk_size, cfg.mamba_conv_kernel),
+        mamba_stack_spec=hybrid_stack_spec(be, cfg.num_moe_experts, cfg.mamba_chunk_size, cfg.mamba_conv_kernel,
+                                           vp_stage=vp_stage),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -231,6 +241,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
         share_embeddings_and_output_weights=False,
         position_embedding_type="none",
     )
+    model.vp_stage = vp_stage  # also on chunks without embedding/output (the setup hook above does not run there)
     if cfg.mtp_num_layers and post_process:
         if not pre_process:
             raise ValueError("hybrid MTP needs the embedding on its stage: with pipeline parallelism > 1 it is not "

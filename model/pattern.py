@@ -76,3 +76,60 @@ def split_pipeline(
         stages.append(StageLayers(i, offset, pattern[offset:offset + s]))
         offset += s
     return stages
+
+
+@dataclass(frozen=True)
+class ChunkLayers:
+    """One model chunk of the interleaved schedule: pipeline rank, virtual stage, global offset, its slice."""
+
+    pp_rank: int
+    vp_stage: int
+    offset: int
+    pattern: str
+
+
+def pipeline_chunks(
+    pattern: str,
+    pp_size: int,
+    vpp_size: Optional[int] = None,
+    num_layers_in_first_pipeline_stage: Optional[int] = None,
+    num_layers_in_last_pipeline_stage: Optional[int] = None,
+) -> list[ChunkLayers]:
+    """Every model chunk (pp rank x virtual stage) in global layer order, placed exactly as Megatron-Core's
+    `get_transformer_layer_offset` / `get_num_layers_to_build` place TransformerLayers (transformer_layer.py:40,
+    transformer_block.py:75), so the hybrid stack's Mamba layers land in the same chunks as its attention/MLP/MoE
+    layers. Virtual stage v of every rank comes before virtual stage v+1 of any rank: with 8 layers, pp=2, vpp=2,
+    rank 0 holds [0,1] and [4,5], rank 1 holds [2,3] and [6,7]. Without vpp this is `split_pipeline` with vp_stage 0.
+    """
+    first, last = num_layers_in_first_pipeline_stage, num_layers_in_last_pipeline_stage
+    stages = split_pipeline(pattern, pp_size, first, last)
+    if vpp_size is None or vpp_size == 1:
+        return [ChunkLayers(s.stage, 0, s.offset, s.pattern) for s in stages]
+    if vpp_size < 1:
+        raise ValueError(f"virtual pipeline size must be >= 1, got {vpp_size}")
+    if pp_size < 2:
+        raise ValueError(f"virtual pipeline stages (vpp={vpp_size}) need pipeline size >= 2, got pp={pp_size}")
+    if first is not None and last is not None and pp_size == 2:
+        # Megatron-Core 0.16.1's get_transformer_layer_offset divides by the number of middle stages here (0).
+        raise ValueError(
+            f"vpp={vpp_size} with pp=2 and both num_layers_in_first_pipeline_stage and "
+            "num_layers_in_last_pipeline_stage set is not placeable by Megatron-Core (no middle stage); set only "
+            "num_layers_in_first_pipeline_stage (the last stage gets the rest)")
+    for s in stages:
+        if len(s.pattern) % vpp_size:
+            which = ("num_layers_in_first_pipeline_stage" if s.stage == 0 and first is not None else
+                     "num_layers_in_last_pipeline_stage" if s.stage == pp_size - 1 and last is not None else
+                     "the layers per pipeline stage")
+            raise ValueError(
+                f"pipeline stage {s.stage} holds {len(s.pattern)} layers, which do not split into vpp={vpp_size} "
+                f"virtual stages; make {which} a multiple of {vpp_size} or change vpp")
+    # Each virtual stage v is a full pass over the ranks: per rank, its stage size / vpp layers, in rank order.
+    per_rank = [len(s.pattern) // vpp_size for s in stages]
+    span = sum(per_rank)
+    chunks = []
+    for v in range(vpp_size):
+        offset = v * span
+        for rank, n in enumerate(per_rank):
+            chunks.append(ChunkLayers(rank, v, offset, pattern[offset:offset + n]))
+            offset += n
+    return chunks

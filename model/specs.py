@@ -8,6 +8,7 @@ same parameter names (fused `layer_norm_weight` pre-norms, `pre_mlp_layernorm` f
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
@@ -50,14 +51,39 @@ class HybridStackSubmodules(MambaStackSubmodules):
     final_norm: Union[ModuleSpec, type, None] = None
 
 
+class HybridMLPLayer(MLPLayer):
+    """Megatron-Core's MLPLayer, also taking the chunk's `vp_stage` (upstream's signature drops it,
+    ssm/mlp_layer.py:16), which TransformerLayer needs to place the layer under interleaved pipelining."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout: Optional[float] = None,
+                 pg_collection=None, vp_stage: Optional[int] = None):
+        TransformerLayer.__init__(self, config=config, submodules=submodules, layer_number=layer_number,
+                                  hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
+
+
 class HybridStack(MambaStack):
     """Megatron-Core's MambaStack with the final norm taken from the spec (upstream hard-codes TENorm,
-    ssm/mamba_block.py:161) and, for the MTP block, without the pipeline split of the main stack."""
+    ssm/mamba_block.py:161), for the MTP block without the pipeline split of the main stack, and with virtual
+    pipeline stages (upstream asserts vpp is None, ssm/mamba_block.py:177).
+
+    Under interleaved pipelining one stack is one model chunk, `vp_stage`. Its layers are the chunk's slice of
+    the pattern (model.pattern.pipeline_chunks, which follows Megatron's placement); Mamba layers get their global
+    layer_number from here, the attention/MLP/MoE TransformerLayers compute it themselves from config + vp_stage
+    (transformer_layer.py:280), so the spec hands them the vp_stage too. The two must agree, and are checked to.
+    """
 
     def __init__(self, config, submodules: HybridStackSubmodules, *args, post_layer_norm: bool = True,
-                 split_over_pipeline: bool = True, **kwargs):
+                 split_over_pipeline: bool = True, vp_stage: Optional[int] = None, **kwargs):
         self._split_over_pipeline = split_over_pipeline
+        self._vp_stage = vp_stage
+        if vp_stage is not None:
+            if not split_over_pipeline:
+                raise ValueError("vp_stage is for the main decoder stack, not an unsplit (MTP) stack")
+            submodules = dataclasses.replace(submodules, **{
+                name: _with_params(getattr(submodules, name), vp_stage=vp_stage)
+                for name in ("attention_layer", "mlp_layer", "moe_layer")})
         super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+        self.vp_stage = vp_stage
         self.post_layer_norm = post_layer_norm
         if self.post_process and self.post_layer_norm:
             self.final_norm = build_module(submodules.final_norm, config=self.config,
@@ -66,7 +92,36 @@ class HybridStack(MambaStack):
     def _select_layers_for_pipeline_parallel(self, layer_type_list):
         if not self._split_over_pipeline:
             return 0, layer_type_list
-        return super()._select_layers_for_pipeline_parallel(layer_type_list)
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        from .pattern import pipeline_chunks
+
+        cfg = self.config
+        vpp = cfg.virtual_pipeline_model_parallel_size
+        if cfg.pipeline_model_parallel_layout is not None:
+            raise ValueError("pipeline_model_parallel_layout is not supported by the hybrid stack; place layers with "
+                             "pp / vpp / num_layers_in_{first,last}_pipeline_stage")
+        if cfg.account_for_embedding_in_pipeline_split or cfg.account_for_loss_in_pipeline_split:
+            raise ValueError("account_for_{embedding,loss}_in_pipeline_split are not supported by the hybrid stack")
+        if vpp is not None and self._vp_stage is None:
+            raise ValueError(f"virtual_pipeline_model_parallel_size={vpp}: build each model chunk with its vp_stage")
+        pp_rank, pp_size = self.pp_group.rank(), self.pp_group.size()
+        vp = self._vp_stage or 0
+        (chunk,) = [c for c in pipeline_chunks("".join(layer_type_list), pp_size, vpp,
+                                               cfg.num_layers_in_first_pipeline_stage,
+                                               cfg.num_layers_in_last_pipeline_stage)
+                    if c.pp_rank == pp_rank and c.vp_stage == vp]
+        mcore_offset = get_transformer_layer_offset(cfg, self._vp_stage, pp_rank)
+        if mcore_offset != chunk.offset:
+            raise RuntimeError(f"hybrid stack chunk (pp rank {pp_rank}, vp stage {vp}) starts at layer {chunk.offset} "
+                               f"but Megatron-Core places its TransformerLayers from {mcore_offset}")
+        return chunk.offset, list(chunk.pattern)
+
+
+def _with_params(spec, **params):
+    if not isinstance(spec, ModuleSpec):
+        spec = ModuleSpec(module=spec)
+    return dataclasses.replace(spec, params={**spec.params, **params})
 
 
 def _leaves(backend: Backend) -> dict:
@@ -88,8 +143,10 @@ def _leaves(backend: Backend) -> dict:
 
 
 def hybrid_stack_spec(backend: Backend, num_moe_experts: int, mamba_chunk_size: int, mamba_conv_kernel: int,
-                      split_over_pipeline: bool = True, post_layer_norm: bool = True) -> ModuleSpec:
-    """The stack spec for one pattern (the main decoder, or the MTP block's inner stack)."""
+                      split_over_pipeline: bool = True, post_layer_norm: bool = True,
+                      vp_stage: Optional[int] = None) -> ModuleSpec:
+    """The stack spec for one pattern (the main decoder, or the MTP block's inner stack); `vp_stage`: the model
+    chunk's virtual pipeline stage under interleaved pipelining."""
     lv = _leaves(backend)
     moe_spec = get_moe_module_spec(use_te=lv["use_te"], num_experts=max(num_moe_experts, 1),
                                    moe_grouped_gemm=lv["use_te"])
@@ -114,7 +171,7 @@ def hybrid_stack_spec(backend: Backend, num_moe_experts: int, mamba_chunk_size: 
         ),
     )
     mlp_layer = ModuleSpec(
-        module=MLPLayer,
+        module=HybridMLPLayer,
         submodules=TransformerLayerSubmodules(
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=lv["ln_linear"], linear_fc2=lv["row_linear"])),
             mlp_bda=get_bias_dropout_add,
@@ -126,7 +183,7 @@ def hybrid_stack_spec(backend: Backend, num_moe_experts: int, mamba_chunk_size: 
     )
     return ModuleSpec(
         module=HybridStack,
-        params=dict(split_over_pipeline=split_over_pipeline, post_layer_norm=post_layer_norm),
+        params=dict(split_over_pipeline=split_over_pipeline, post_layer_norm=post_layer_norm, vp_stage=vp_stage),
         submodules=HybridStackSubmodules(mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer,
                                          moe_layer=moe_layer, final_norm=lv["norm"]),
     )
