@@ -18,7 +18,14 @@ from tests.distributed import run_on_ranks
 
 SEQ, MBS, GBS, STEPS = 32, 1, 4, 3
 RTOL = 1e-5
-ADAM_EPS = 1e-8  # the production optimizer's eps
+# Adam's eps for the comparison. With the production 1e-8, g/(sqrt(v)+eps) is ~sign(g): an element whose exact
+# gradient is ~0 (a cancellation, e.g. embedding rows) carries only fp32 summation-order noise, which differs by
+# layout and which Adam turns into a full-size step of random sign. Measured with 1e-8: loss and step-1 grads equal
+# within 1e-5, parameters after 3 steps 1e-5..8e-4 apart in such tensors. With 1e-4 every element whose gradient is
+# real (|g| >> 1e-4 here: grad norm ~2 over ~1e5 elements) is still normalised by sqrt(v), and noise-level ones
+# move ~1e-6 of a step, so the parameter check tests the parallel plumbing (DDP buckets, distributed-optimizer
+# shards, clipping over model-parallel groups) rather than the sign of rounding noise.
+ADAM_EPS = 1e-4
 # "tiny" with 8 layers (M * - E twice) so the pattern splits over pp=2 and pp*vpp=4; MTP block "*E", LatentMoE.
 TINY8 = dict(hybrid_override_pattern="M*-EM*-E", num_layers=8)
 
@@ -49,6 +56,13 @@ def _batches(dp: int, dp_rank: int, cp: int, cp_rank: int, step: int):
     return out
 
 
+def _chunk_key(chunks, i: int, k: str) -> str:
+    """Virtual-pipeline chunks share local names (each has decoder.layers.0, ...; the checkpoint key inside the
+    ShardedTensor is the global one): with several chunks, prefix the dict key with the chunk so none overwrites
+    another."""
+    return f"chunk{i}/{k}" if len(chunks) > 1 else k
+
+
 def _sharded_sd(chunks):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
@@ -59,7 +73,7 @@ def _sharded_sd(chunks):
             # Parameters and buffers (factories: the Mamba in_proj/conv1d split into z, x, B, C, dt), not the
             # _extra_state objects.
             if isinstance(v, (ShardedTensor, ShardedTensorFactory)):
-                sd[k] = v
+                sd[_chunk_key(chunks, i, k)] = v
     return sd
 
 
@@ -157,12 +171,12 @@ def _train_rank(layout_kw: dict, model_over: dict, workdir: str, tag: str, save_
             dist_checkpointing.save(_sharded_sd(chunks), init_dir)
         else:
             loaded = dist_checkpointing.load(_sharded_sd(chunks), init_dir)
-            for c in chunks:
+            for i, c in enumerate(chunks):
                 sd = c.state_dict()
                 for k in sd:
-                    if k in loaded:
-                        sd[k] = loaded[k]
-                missing = [k for k in _sharded_sd([c]) if k not in loaded]
+                    if _chunk_key(chunks, i, k) in loaded:
+                        sd[k] = loaded[_chunk_key(chunks, i, k)]
+                missing = [k for k in _sharded_sd([c]) if _chunk_key(chunks, i, k) not in loaded]
                 assert not missing, f"not in the reference checkpoint: {missing[:5]}"
                 c.load_state_dict(sd, strict=True)
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -241,9 +255,14 @@ def _load_and_compare(workdir: str, model_over: dict, names: list[str]):
         a, b, c, d = names
         if not loaded[a] or set(loaded[a]) != set(loaded[b]):
             return {"keys": [f"key sets differ: {sorted(set(loaded[a]) ^ set(loaded[b]))[:5]}"]}
-        # The comparison can fail: gradients and updated parameters are different tensors.
+        # The comparison can fail: every parameter's gradient differs from its updated value. Buffers (the MoE
+        # router's expert_bias) are saved as they are in both, and their +-rate updates can sum back to the same
+        # value after 3 steps, so they are left out of this check (not out of the comparisons above).
+        buffers = {n for n, _ in model.named_buffers()}
+        params = [k for k in loaded[a] if k not in buffers]
+        same = [k for k in params if _rel(loaded[a][k], loaded[c][k]) <= RTOL]
         return {"grads": _compare(loaded, a, b), "params": _compare(loaded, c, d),
-                "sanity": len(_compare(loaded, a, c)) == len(loaded[a]), "n": len(loaded[a])}
+                "sanity": not same, "n": len(params)}
     finally:
         groups.teardown()
 
@@ -263,41 +282,22 @@ def _compare(loaded: dict, ref: str, other: str) -> list[str]:
     return bad
 
 
-# Layouts of the "Done when" matrix: (id, layout, ranks, model overrides). Model gaps (reported to the model
-# engineer) keep MTP out of some rows for now: build_model refuses MTP with pp > 1 and refuses vp_stage (MambaStack
-# has no VPP in Megatron-Core 0.16.1); the TP rows were written before MTP had a TP sharded_state_dict (b700bbf).
+# Layouts of the "Done when" matrix: (id, layout, ranks, model overrides). build_model refuses MTP with pp > 1 (the
+# MTP block needs the embedding on its stage), so the pipeline rows run without it.
 NO_MTP = dict(mtp_num_layers=0)
 
-
-def _xfail(reason: str):
-    """A row that still differs: strict, so it fails loudly the day it starts to match. `reason` is the measured
-    discrepancy (relative L2 norm of the difference, per tensor)."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
-ADAM_NOISE = ("loss and step-1 grads match; parameters after 3 Adam steps (eps=1e-8) differ by {}: per-element "
-              "summation-order noise in near-zero gradients is amplified by Adam's g/sqrt(v)")
 MATRIX = [
-    pytest.param("cp2", dict(cp=2), 2, {}, id="cp2", marks=_xfail(ADAM_NOISE.format(
-        "up to 8.3e-4 (embedding), 1.3e-5..5e-5 (shared experts, dense MLP in layers 3/6)"))),
-    pytest.param("ep2", dict(ep=2), 2, {}, id="ep2", marks=_xfail(ADAM_NOISE.format("4.9e-5 (embedding)"))),
-    pytest.param("dp2-distopt", dict(use_distributed_optimizer=True), 2, {}, id="dp2-distopt",
-                 marks=_xfail(ADAM_NOISE.format("1.7e-5 (embedding)"))),
-    pytest.param("tp2", dict(tp=2, sequence_parallel=True), 2, NO_MTP, id="tp2",
-                 marks=_xfail(ADAM_NOISE.format("2.2e-5 and 1.1e-5 (layer 7 shared expert fc1/fc2)"))),
-    pytest.param("tp2sp-ep2-etp1", dict(tp=2, sequence_parallel=True, ep=2, etp=1), 2, NO_MTP, id="tp2sp-ep2-etp1",
-                 marks=_xfail(ADAM_NOISE.format("2.2e-5 and 1.1e-5 (layer 7 shared expert fc1/fc2)"))),
-    pytest.param("tp2-cp2", dict(tp=2, cp=2, sequence_parallel=True), 4, NO_MTP, id="tp2-cp2",
-                 marks=[_xfail(ADAM_NOISE.format("1.9e-5 (layer 7 shared expert fc1), 1.0e-5 (layer 1 qkv)")),
-                        pytest.mark.slow]),
+    pytest.param("cp2", dict(cp=2), 2, {}, id="cp2"),
+    pytest.param("ep2", dict(ep=2), 2, {}, id="ep2"),
+    pytest.param("dp2-distopt", dict(use_distributed_optimizer=True), 2, {}, id="dp2-distopt"),
+    pytest.param("tp2", dict(tp=2, sequence_parallel=True), 2, {}, id="tp2"),
+    pytest.param("tp2sp-ep2-etp1", dict(tp=2, sequence_parallel=True, ep=2, etp=1), 2, {}, id="tp2sp-ep2-etp1"),
+    pytest.param("tp2-cp2", dict(tp=2, cp=2, sequence_parallel=True), 4, {}, id="tp2-cp2", marks=pytest.mark.slow),
     pytest.param("pp2", dict(pp=2), 2, NO_MTP, id="pp2"),
+    pytest.param("pp2-vpp2", dict(pp=2, vpp=2), 2, NO_MTP, id="pp2-vpp2"),
 ]
 SLOW = [
-    pytest.param("tp2-ep2-pp2", dict(tp=2, ep=2, pp=2, sequence_parallel=True), 8, NO_MTP, id="tp2-ep2-pp2",
-                 marks=_xfail(ADAM_NOISE.format("2.3e-5 and 1.2e-5 (layer 7 shared expert fc1/fc2)"))),
-]
-PENDING = [
-    pytest.param("pp2-vpp2", dict(pp=2, vpp=2), 2, NO_MTP, id="pp2-vpp2"),
+    pytest.param("tp2-ep2-pp2", dict(tp=2, ep=2, pp=2, sequence_parallel=True), 8, NO_MTP, id="tp2-ep2-pp2"),
 ]
 
 
@@ -342,12 +342,4 @@ def test_layout_equals_one_process(references, name, layout_kw, ranks, over):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,layout_kw,ranks,over", SLOW)
 def test_8_ranks_equal_one_process(references, name, layout_kw, ranks, over):
-    _check(references, name, layout_kw, ranks, over)
-
-
-@pytest.mark.multiproc
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="model.build refuses vp_stage: Megatron-Core 0.16.1's MambaStack has no virtual pipeline")
-@pytest.mark.parametrize("name,layout_kw,ranks,over", PENDING)
-def test_interleaved_pipeline_pending(references, name, layout_kw, ranks, over):
     _check(references, name, layout_kw, ranks, over)
