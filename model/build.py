@@ -143,11 +143,63 @@ def _define_hybrid_model():
     class HybridModel(MambaModel):
         """MambaModel + the hybrid MTP block. Without MTP (or in inference) it is MambaModel unchanged.
         Under interleaved pipelining the model chunk's vp_stage rides in the stack spec (MambaModel takes none);
-        `vp_stage` is set from the stack before LanguageModule's embedding setup and Float16Module read it."""
+        `vp_stage` is set from the stack before LanguageModule's embedding setup and Float16Module read it.
+
+        `mtp_process`: this chunk runs the MTP block (Megatron places it on the last virtual chunk of the last
+        pipeline stage, `mtp_on_this_rank`). The block reads the token embedding, so a chunk that runs it without
+        being the first stage holds a copy of the embedding, exactly as GPTModel does (gpt_model.py:149): Megatron's
+        own machinery then keeps the copy equal to the first stage's, since `mtp_process` is what it keys on —
+        LanguageModule.setup_embeddings_and_output_layer zeroes the copy, marks it `shared`/`shared_embedding` and
+        all-reduces it over the embedding group (first + last stage); finalize_model_grads'
+        `_allreduce_word_embedding_grads` sums the two copies' gradients every step; grad-norm clipping skips the
+        `shared` copy; and the checkpoint saves it under the first stage's key as a replica (sharded_state_dict).
+        """
+
+        def __init__(self, *args, mtp_process: bool = False, scatter_embedding_sequence_parallel: bool = True,
+                     **kwargs):
+            # Set before MambaModel.__init__, which calls setup_embeddings_and_output_layer (and LanguageModule's
+            # embedding-group logic reads `mtp_process` there).
+            self.mtp_process = mtp_process
+            self._scatter_embedding_sequence_parallel = scatter_embedding_sequence_parallel
+            super().__init__(*args, scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
+                             **kwargs)
 
         def setup_embeddings_and_output_layer(self) -> None:
             self.vp_stage = getattr(self.decoder, "vp_stage", None)
+            if self.mtp_process and not self.pre_process:
+                from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+
+                # The same module the first stage builds (mamba_model.py:105), so the same key and TP sharding.
+                self.embedding = LanguageModelEmbedding(
+                    config=self.config, vocab_size=self.vocab_size, max_sequence_length=self.max_sequence_length,
+                    position_embedding_type=self.position_embedding_type,
+                    scatter_to_sequence_parallel=self._scatter_embedding_sequence_parallel,
+                    tp_group=self.pg_collection.tp)
             super().setup_embeddings_and_output_layer()
+
+        def shared_embedding_or_output_weight(self) -> Optional[Tensor]:
+            """GPTModel's rule (gpt_model.py:718): on an MTP chunk the weight kept in sync across stages is the
+            embedding copy, not the (untied) output layer. LanguageModule's default would hand the last stage's
+            output_layer.weight to the embedding-group all-reduce, mixing it into the first stage's embedding."""
+            if self.pre_process or self.mtp_process:
+                return self.embedding.word_embeddings.weight
+            if self.post_process:
+                return self.output_layer.weight
+            return None
+
+        def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+            """The last stage's embedding copy is saved under the first stage's key as replica 1 (GPTModel's
+            `tie_word_embeddings_state_dict`): a checkpoint holds one embedding whatever the pipeline layout."""
+            from megatron.core.transformer.multi_token_prediction import tie_word_embeddings_state_dict
+            from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+            metadata = ensure_metadata_has_dp_cp_group(metadata)
+            sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            if self.mtp_process and not self.pre_process:
+                tie_word_embeddings_state_dict(sd, self.embedding.word_embeddings.weight,
+                                               f"{prefix}embedding.word_embeddings.weight", tp_group=self.tp_group,
+                                               dp_cp_group=metadata["dp_cp_group"])
+            return sd
 
         def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
                     decoder_input: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -229,8 +281,10 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
                          "pipelining build one model chunk per virtual stage (vp_stage 0..vpp-1), otherwise none")
     if vp_stage is not None and not 0 <= vp_stage < vpp:
         raise ValueError(f"vp_stage={vp_stage} is outside 0..{vpp - 1} (virtual_pipeline_model_parallel_size={vpp})")
+    mtp_process = _mtp_process(cfg, tc, post_process, vp_stage)
     model = _ModelClass.get()(
         config=tc,
+        mtp_process=mtp_process,
         mamba_stack_spec=hybrid_stack_spec(be, cfg.num_moe_experts, cfg.mamba_chunk_size, cfg.mamba_conv_kernel,
                                            vp_stage=vp_stage),
         vocab_size=cfg.vocab_size,
@@ -242,10 +296,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
         position_embedding_type="none",
     )
     model.vp_stage = vp_stage  # also on chunks without embedding/output (the setup hook above does not run there)
-    if cfg.mtp_num_layers and post_process:
-        if not pre_process:
-            raise ValueError("hybrid MTP needs the embedding on its stage: with pipeline parallelism > 1 it is not "
-                             "supported yet (put MTP models on pp=1)")
+    if mtp_process:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         from .mtp import HybridMTPBlock, HybridMTPLayer
@@ -259,6 +310,24 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
                                moe_layer_number=cfg.num_layers + 1)
         model.mtp = HybridMTPBlock(tc, depths=cfg.mtp_num_layers, layer=layer)
     return model
+
+
+def _mtp_process(cfg: ModelConfig, tc, post_process: bool, vp_stage: Optional[int]) -> bool:
+    """Whether this chunk runs the MTP block: Megatron-Core's placement (`mtp_on_this_rank`: the last virtual
+    chunk of the last pipeline stage), which must be the chunk built with the output layer (the MTP losses use it)."""
+    if not cfg.mtp_num_layers:
+        return False
+    from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
+
+    if tc.mtp_num_layers != cfg.mtp_num_layers:
+        raise ValueError(f"the TransformerConfig has mtp_num_layers={tc.mtp_num_layers} but the model config "
+                         f"{cfg.mtp_num_layers}: build the config with transformer_config(cfg, ...)")
+    here = mtp_on_this_rank(tc, ignore_virtual=False, vp_stage=vp_stage)
+    if here != post_process:
+        raise ValueError(f"post_process={post_process} but Megatron-Core places MTP {'' if here else 'not '}on this "
+                         f"chunk (vp_stage={vp_stage}): MTP runs on the last pipeline stage's last virtual chunk, "
+                         "which must be built with post_process=True (and no other chunk)")
+    return here
 
 
 def update_expert_bias(model_chunks: Sequence[torch.nn.Module], config=None) -> None:

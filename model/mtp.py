@@ -64,9 +64,16 @@ class HybridMTPLayer(MultiTokenPredictionLayer):
         self.eh_proj = build_module(linear, config.hidden_size * 2, config.hidden_size, config=config,
                                     init_method=config.init_method, gather_output=False, bias=False,
                                     skip_bias_add=False, is_expert=False, tp_group=pg_collection.tp)
-        # The inner stack is sized by its own pattern (MambaStack checks num_layers == len(pattern)).
+        # The inner stack is sized by its own pattern (MambaStack checks num_layers == len(pattern)), and it is
+        # whole on its stage: its TransformerLayers must not add the decoder's pipeline offset
+        # (get_transformer_layer_offset reads these config fields), or under pp > 1 the block's layers would be
+        # numbered from the last stage's first decoder layer and its checkpoint keys would depend on the layout.
         inner_config = copy.copy(config)
         inner_config.num_layers = len(mtp_pattern)
+        inner_config.pipeline_model_parallel_size = 1
+        inner_config.virtual_pipeline_model_parallel_size = None
+        inner_config.num_layers_in_first_pipeline_stage = None
+        inner_config.num_layers_in_last_pipeline_stage = None
         self.mtp_model_layer = build_module(stack_spec, inner_config, pre_process=True, post_process=False,
                                             hybrid_override_pattern=mtp_pattern, dtype=config.params_dtype,
                                             pg_collection=pg_collection)

@@ -47,8 +47,6 @@ def build_problems(cfg: ModelConfig, layout: ParallelLayout) -> list[str]:
     out = []
     if layout.vpp:
         out.append("vpp: Megatron-Core 0.16.1's MambaStack has no virtual pipeline stages (model/build.py)")
-    if cfg.mtp_num_layers and layout.pp > 1:
-        out.append("pp: the hybrid MTP block needs the embedding on its stage; MTP models run on pp=1 (model/build.py)")
     return out
 
 
