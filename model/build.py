@@ -258,6 +258,9 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     MTPLossAutoScaler, as in GPTModel), logits [b, s, vocab/tp] otherwise. Parallel state must be initialised
     (parallel_state.initialize_model_parallel; `init_single_process()` for one CPU process).
     `config`: a TransformerConfig to use instead of `transformer_config(cfg)` (for parallel settings).
+    MTP (cfg.mtp_num_layers > 0) is built on the chunk Megatron-Core places it on, the last pipeline stage's last
+    virtual chunk (the one with post_process=True); under pp > 1 that chunk also holds an embedding copy, kept equal
+    to the first stage's by Megatron's embedding group (HybridModel above).
     `precision`: a model.precision.PrecisionConfig; only high-precision recipes (fp32/bf16) are built here,
     low-precision GEMMs are a layer on top (model.lowp.apply_precision; pretrain/train.py does both).
     """
@@ -315,13 +318,14 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
 def _mtp_process(cfg: ModelConfig, tc, post_process: bool, vp_stage: Optional[int]) -> bool:
     """Whether this chunk runs the MTP block: Megatron-Core's placement (`mtp_on_this_rank`: the last virtual
     chunk of the last pipeline stage), which must be the chunk built with the output layer (the MTP losses use it)."""
+    # Megatron-Core's embedding sync and MTP loss scaling read the TransformerConfig's mtp_num_layers.
+    if (tc.mtp_num_layers or 0) != cfg.mtp_num_layers:
+        raise ValueError(f"the TransformerConfig has mtp_num_layers={tc.mtp_num_layers} but the model config "
+                         f"{cfg.mtp_num_layers}: build the config with transformer_config(cfg, ...)")
     if not cfg.mtp_num_layers:
         return False
     from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
 
-    if tc.mtp_num_layers != cfg.mtp_num_layers:
-        raise ValueError(f"the TransformerConfig has mtp_num_layers={tc.mtp_num_layers} but the model config "
-                         f"{cfg.mtp_num_layers}: build the config with transformer_config(cfg, ...)")
     here = mtp_on_this_rank(tc, ignore_virtual=False, vp_stage=vp_stage)
     if here != post_process:
         raise ValueError(f"post_process={post_process} but Megatron-Core places MTP {'' if here else 'not '}on this "
