@@ -11,7 +11,8 @@ A save goes to `iter_N.tmp/`, then (after every rank finished writing) is rename
 is replaced (write + os.replace). A crash at any point leaves `latest` naming a complete checkpoint; leftover
 `*.tmp` directories are removed at the next save. Only the newest `keep_last` checkpoints of a stage are kept.
 
-Contents: the model's sharded_state_dict, the optimizer's (Megatron's "fully_reshardable" format, so it reloads under
+Contents: the model's sharded_state_dict (one entry per model chunk under interleaved pipelining, named as
+Megatron-LM names them), the optimizer's (Megatron's "fully_reshardable" format, so it reloads under
 another TP/PP/EP/DP layout), and common state: the LR scheduler, the loader state, step, consumed samples and
 tokens, NaN-skip counters. RNG states of every kind (python, numpy, torch CPU, CUDA, Megatron's model-parallel
 tracker) are saved per rank as sharded objects; they are restored when the layout is unchanged and reseeded
@@ -139,17 +140,55 @@ def _strip(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _empty_optimizer_step_shim(optimizer: Any) -> Iterator[None]:
+    """A pipeline rank can hold no expert parameter at all (pp2-vpp2 of "M*-EM*-E": rank 0 builds "M*" twice), and
+    then its expert optimizer has param groups without params and no per-parameter state. Without apex/TE,
+    Megatron's DistributedOptimizer.state_dict reads the step from that state and asserts there is exactly one
+    (distrib_optimizer.py:640). Such an optimizer reports the step of its non-empty siblings (0 if none); its
+    param groups are the same as on the ranks that do hold expert parameters."""
+    chain = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    inners = [getattr(opt, "optimizer", None) for opt in chain]
+    steps = [float(st["step"]) for inner in inners if inner is not None
+             for st in inner.state.values() if torch.is_tensor(st.get("step"))]
+    step = max(steps, default=0.0)
+    patched = []
+    for inner in inners:
+        if inner is None or len(inner.state) or any(g["params"] for g in inner.param_groups):
+            continue
+        orig = inner.state_dict
+
+        def state_dict(orig=orig):
+            sd = orig()
+            return dict(sd, state={0: {"step": torch.tensor(step)}})
+
+        inner.state_dict = state_dict
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner.state_dict  # back to the class method
+
+
+def _model_key(model: Sequence, i: int) -> str:
+    """Megatron-LM's state-dict entry names: `model` for one chunk, `model0`, `model1`, ... for virtual stages."""
+    return "model" if len(model) == 1 else f"model{i}"
+
+
 def _sharded(model: Sequence, optimizer: Any, *, loading: bool, with_rng: bool, with_optimizer: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    if len(model) != 1:
-        raise NotImplementedError("checkpointing supports one model chunk per rank (virtual pipeline is off)")
     # DDP's sharded_state_dict names entries `module.<name>` (the names the optimizer looks parameters up by);
-    # the sharded keys inside, i.e. the checkpoint's, carry no prefix.
-    sd: dict[str, Any] = {"model": model[0].sharded_state_dict()}
+    # the sharded keys inside, i.e. the checkpoint's, carry no prefix and are global (layer numbers, not a
+    # chunk's local indices), so the entry names below do not matter to the checkpoint: a pp2-vpp2 save loads
+    # at pp1 and back.
+    sd: dict[str, Any] = {_model_key(model, i): chunk.sharded_state_dict() for i, chunk in enumerate(model)}
     if with_optimizer:
-        sd["optimizer"] = optimizer.sharded_state_dict(
-            sd["model"], is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        # As Megatron-LM's generate_state_dict: the optimizer finds its parameters among all chunks' entries.
+        with _empty_optimizer_step_shim(optimizer):
+            sd["optimizer"] = optimizer.sharded_state_dict(
+                dict(sd), is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if with_rng:
         rank, world = dist.get_rank(), dist.get_world_size()
         sd["rng_state"] = ShardedObject("rng_state", None if loading else rng_state(), (world,), (rank,),
@@ -268,7 +307,8 @@ def load(info: CheckpointInfo, model: Sequence, optimizer: Any, *, layout: Any, 
     same_layout = info.meta.get("world_size") == world and info.meta.get("layout") == layout.model_dump(mode="json")
     sd = _sharded(model, optimizer, loading=True, with_rng=full and same_layout, with_optimizer=True)
     state = dist_checkpointing.load(sd, str(info.path))
-    _unwrap(model[0]).load_state_dict({_strip(k): v for k, v in state["model"].items()})
+    for i, chunk in enumerate(model):
+        _unwrap(chunk).load_state_dict({_strip(k): v for k, v in state[_model_key(model, i)].items()})
     # Param groups carry their own max_lr/min_lr (Megatron's scheduler prefers them to its own); a new stage
     # keeps the moments from the checkpoint but its own LR bounds.
     fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in optimizer.param_groups]

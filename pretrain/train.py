@@ -11,13 +11,16 @@ A NaN/Inf in the loss or in any gradient on any rank skips the update for every 
 still count, as in Megatron), and `train.max_consecutive_nan_skips` in a row abort with a clear error.
 
 The model comes from a provider, `provider(model_cfg, *, pre_process, post_process, parallel_kwargs, precision)`,
-default `model.build.build_model`; tests and benchmarks may pass another one. The provider always gets a
+default `model.build.build_model`; tests and benchmarks may pass another one. Under interleaved pipelining
+(`parallel.vpp`) the provider is called once per virtual stage with `vp_stage=v` as well, and every chunk reads its
+own copy of the micro-batch stream (Megatron-LM builds one data iterator per chunk over the same data). The provider always gets a
 high-precision policy: `precision.recipe: nvfp4|mxfp8` builds BF16 and routes the linears through the emulated
 recipe (`model.lowp.apply_precision`); with `precision.telemetry_interval` > 0 the quantization statistics go to
 TensorBoard as `<recipe>/<module>/<role>/{flushed,saturated,rel_error}` every that many (run-global) steps.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -42,18 +45,18 @@ class TrainingAborted(RuntimeError):
 
 
 def default_model_provider(model_cfg, *, pre_process: bool, post_process: bool, parallel_kwargs: dict,
-                           precision=None) -> torch.nn.Module:
+                           precision=None, vp_stage: Optional[int] = None) -> torch.nn.Module:
     from model.build import build_model, transformer_config
 
     return build_model(model_cfg, pre_process=pre_process, post_process=post_process, precision=precision,
-                       config=transformer_config(model_cfg, **parallel_kwargs))
+                       vp_stage=vp_stage, config=transformer_config(model_cfg, **parallel_kwargs))
 
 
 def parallel_kwargs(stage: Stage) -> dict:
     lay, bf16 = stage.parallel, stage.precision.recipe != "fp32"
     dtype = torch.bfloat16 if bf16 else torch.float32
     return dict(tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp,
-                context_parallel_size=lay.cp, expert_model_parallel_size=lay.ep,
+                virtual_pipeline_model_parallel_size=lay.vpp, context_parallel_size=lay.cp, expert_model_parallel_size=lay.ep,
                 expert_tensor_parallel_size=lay.etp, sequence_parallel=lay.sequence_parallel,
                 params_dtype=dtype, bf16=bf16, pipeline_dtype=dtype, calculate_per_token_loss=True)
 
@@ -108,6 +111,16 @@ def _forward_step(data_iterator, model):
     return out, partial(_loss_func, batch["loss_mask"])
 
 
+def _chunk_iterators(loader, n_chunks: int):
+    """The micro-batch stream for the schedule: one iterator, or under interleaved pipelining one per model chunk,
+    all yielding the same micro-batches in the same order (each chunk pulls every micro-batch of the global batch
+    once, in micro-batch order, so the first chunk's embedding and the last chunk's loss see the same samples).
+    A tee of the one loader iterator: every chunk has pulled the whole global batch when a step ends, so the tee
+    holds nothing between steps and the loader's state_dict is the step's, as with one chunk."""
+    it = iter(loader)
+    return it if n_chunks == 1 else list(itertools.tee(it, n_chunks))
+
+
 # --------------------------------------------------------------------------------------------------------
 # MoE expert load: counts are read just before finalize_model_grads consumes them (expert-bias update).
 
@@ -117,8 +130,12 @@ class _ExpertLoadProbe:
         for chunk in model:
             for name, m in chunk.named_modules():
                 if getattr(m, "local_tokens_per_expert", None) is not None:
-                    hit = re.search(r"layers\.(\d+)\.", name)
-                    tag = f"layer_{hit.group(1)}" if hit and not name.startswith(("mtp", "module.mtp")) else name
+                    hit = re.search(r"^(.*?layers\.(\d+))\.", name)
+                    tag = f"layer_{hit.group(2)}" if hit and not name.startswith(("mtp", "module.mtp")) else name
+                    if hit and "mtp" not in name:
+                        # the global layer index: module names restart at 0 in every pipeline chunk
+                        number = getattr(chunk.get_submodule(hit.group(1)), "layer_number", None)
+                        tag = tag if number is None else f"layer_{number - 1}"
                     self.routers.append((tag if "mtp" not in name else "mtp_" + tag, m))
         self.finalize, self.want, self.counts = finalize, False, None
 
@@ -158,6 +175,10 @@ def make_telemetry(stage: Stage):
 def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None):
     """The stage's model chunk(s), DDP-wrapped, with optimizer and scheduler.
 
+    One chunk per virtual pipeline stage (`parallel.vpp`, else one), each with the embedding / output layer where
+    Megatron puts them (first / last virtual stage of the first / last pipeline rank), in DDP like Megatron-LM's
+    get_model (bucketing only on chunk 0).
+
     A low-precision recipe (nvfp4/mxfp8) is built with the BF16 policy (build_model only builds high-precision
     models) and then has its linears routed through the emulated recipe by `model.lowp.apply_precision`, on the
     bare chunk: the policy matches Megatron names (`decoder.layers.N.`, `mtp.`), which Float16Module and DDP
@@ -171,25 +192,53 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
     from pretrain.optimizer import build_optimizer, install_grad_sync, wrap_ddp
     from pretrain.schedules import build_scheduler
 
-    if stage.parallel.vpp:
-        raise ValueError(f"stage {stage.name}: virtual pipeline (parallel.vpp) is not supported by the loop yet")
     bf16 = stage.precision.recipe != "fp32"
     lowp = stage.precision.recipe in LOW_PRECISION
     build_precision = stage.precision.model_copy(update={"recipe": "bf16"}) if lowp else stage.precision
-    chunk = provider(cfg.model, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                     parallel_kwargs=parallel_kwargs(stage), precision=build_precision)
-    chunk.config.calculate_per_token_loss = True
-    if lowp:
-        # The chunk already computes in BF16: BF16-policy linears need no emulated rounding.
-        apply_precision(chunk, stage.precision, num_layers=cfg.model.num_layers, seed=stage.train.seed,
-                        telemetry=telemetry, emulate_bf16=False)
-    if bf16:
-        chunk = Float16Module(chunk.config, chunk)
-    model = wrap_ddp([chunk], stage.parallel, bf16)
+    vpp = stage.parallel.vpp
+    chunks = []
+    for v in range(vpp or 1):
+        vp = v if vpp else None
+        extra = {} if vp is None else {"vp_stage": vp}  # providers without vpp support keep their signature
+        chunk = provider(cfg.model, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                         parallel_kwargs=parallel_kwargs(stage), precision=build_precision, **extra)
+        chunk.config.calculate_per_token_loss = True
+        if lowp:
+            # The chunk already computes in BF16: BF16-policy linears need no emulated rounding.
+            apply_precision(chunk, stage.precision, num_layers=cfg.model.num_layers, seed=stage.train.seed,
+                            telemetry=telemetry, emulate_bf16=False)
+        if bf16:
+            chunk = Float16Module(chunk.config, chunk)
+        chunks.append(chunk)
+    model = wrap_ddp(chunks, stage.parallel, bf16)
     install_grad_sync(model)
     optimizer = build_optimizer(model, stage.train, stage.parallel, bf16)
     scheduler = build_scheduler(optimizer, stage.train)
     return model, optimizer, scheduler
+
+
+def _moe_tracker_names(config) -> list[str]:
+    """The MoE losses every rank reduces, in one order, as Megatron-LM's training.py lists them. The tracker only
+    holds what this rank's layers logged, and its reduction is a collective over the pipeline group: a pipeline
+    rank without MoE layers (e.g. chunks "M*" under pp2-vpp2 of "M*-EM*-E") would skip it and hang the others.
+    Missing names get zeros, as Megatron-LM's `force_initialize` does (there on CUDA only)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    kinds = config.moe_router_load_balancing_type
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    names = [n for k, n in (("aux_loss", "load_balancing_loss"), ("seq_aux_loss", "seq_load_balancing_loss"),
+                            ("global_aux_loss", "global_load_balancing_loss")) if k in kinds]
+    if config.moe_z_loss_coeff is not None:
+        names.append("z_loss")
+    tracker = get_moe_layer_wise_logging_tracker()
+    size = config.num_layers + (config.mtp_num_layers or 0)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    for name in names:
+        if name not in tracker:
+            tracker[name] = {"values": torch.zeros(size, device=device), "reduce_group": None, "avg_group": None,
+                             "reduce_group_has_dp": False}
+    return names
 
 
 def _clear_trackers() -> None:
@@ -273,7 +322,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
         contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
         fwd_bwd = get_forward_backward_func()
-        data_iter = iter(loader)
+        data_iter = _chunk_iterators(loader, len(model))
         history: list[tuple[int, float]] = []
         times: list[float] = []
         consecutive, exit_reason, last_path = 0, None, info.path if info else None
@@ -328,7 +377,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             aux: dict[str, Any] = {}
             if n_moe:
                 track_moe_metrics(loss_scale=1.0 / num_micro, iteration=iteration, writer=None, total_loss_dict=aux,
-                                  moe_layer_freq=[1] * n_moe)
+                                  moe_layer_freq=[1] * n_moe, track_names=_moe_tracker_names(model[0].config))
             if cfg.model.mtp_num_layers:
                 MTPLossLoggingHelper.track_mtp_metrics(1.0 / num_micro, iteration, None, total_loss_dict=aux)
             if log_step:
