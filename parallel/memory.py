@@ -173,6 +173,10 @@ def rank_params(cfg: ModelConfig, layout: ParallelLayout, stage: int = 0,
         dense += V * d // tp + d
         if cfg.mtp_num_layers:
             dense += 3 * d + 2 * d * d // tp
+            if layout.pp > 1:
+                # MTP looks up the next tokens' embeddings on the last stage: Megatron-Core keeps a full copy of
+                # the embedding there (mtp_process), with its own gradient and optimizer state.
+                dense += V * d // tp
             for sym in cfg.mtp_hybrid_override_pattern:
                 a, b = _layer_params_local(cfg, sym, tp, ep, etp)
                 dense, expert = dense + a, expert + b

@@ -36,6 +36,7 @@ def _chunks(pp: int, vpp):
             emb_entry = sd.get("embedding.word_embeddings.weight")
             out.append(dict(
                 rank=ps.get_pipeline_model_parallel_rank(), vp=v, mtp=hasattr(m, "mtp"),
+                nparams=sum(p.numel() for p in m.parameters()),
                 # numpy, not a tensor: torch shares tensors between processes through fds that die with the rank.
                 embedding=None if emb is None else emb.detach().numpy().copy(),
                 shared=bool(getattr(emb, "shared", False)),
@@ -82,3 +83,18 @@ def test_mtp_chunk_must_be_the_output_chunk():
     with pytest.raises(ValueError, match="mtp_num_layers"):
         build_model(cfg, config=transformer_config(get_preset("tiny", mtp_num_layers=0),
                                                    params_dtype=torch.float32))
+
+
+@pytest.mark.multiproc
+def test_memory_model_counts_each_stages_parameters_including_the_embedding_copy():
+    """parallel/memory.py's per-stage parameter count (what the planner sizes weights, grads and optimizer state
+    from) equals the built pp=2 model's, the last stage's MTP embedding copy included."""
+    from model.presets import get_preset
+    from parallel.layout import ParallelLayout
+    from parallel.memory import rank_params
+
+    cfg = get_preset("tiny", hybrid_override_pattern="M*-EM*-E", num_layers=8)
+    built = {c["rank"]: c["nparams"] for rank in run_on_ranks(_chunks, 2, 2, None, timeout=300) for c in rank}
+    for stage in (0, 1):
+        rp = rank_params(cfg, ParallelLayout(pp=2), stage)
+        assert rp.dense + rp.expert == built[stage], (stage, rp, built)
