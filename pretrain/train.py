@@ -263,6 +263,11 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
 
     t = stage.train
     save_dir, load_dir = cfg.checkpoint.save, cfg.checkpoint.load or cfg.checkpoint.save
+    if stage.parallel.vpp:
+        # The interleaved schedule's own checks are bare asserts deep in Megatron-Core (pattern split into pp*vpp
+        # chunks, micro-batches a multiple of pp): say what to change instead, before any group exists.
+        stage.parallel.validate(cfg.model, dist.get_world_size(), t.seq_length, t.micro_batch_size,
+                                t.global_batch_size)
     groups.setup(stage.parallel, seed=t.seed)
     try:
         world = dist.get_world_size()
