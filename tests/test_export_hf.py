@@ -15,13 +15,24 @@ from tests.distributed import run_on_ranks
 
 transformers = pytest.importorskip("transformers")
 
-# (name, preset, layout, world): PP with MTP is rejected by the model, so PP2 uses the no-MTP preset.
+# (name, preset, layout, world). "pp2" uses the no-MTP, no-latent preset (a second model for the mismatch tests);
+# "pp2-mtp" exports MTP from the last stage, whose embedding copy must not be exported twice.
 LAYOUTS = [
     ("1rank", "tiny", dict(), 1),
     ("tp2", "tiny", dict(tp=2, sequence_parallel=True), 2),
     ("ep2", "tiny", dict(ep=2), 2),
     ("pp2", "tiny-nolatent", dict(pp=2), 2),
+    ("pp2-mtp", "tiny-8", dict(pp=2), 2),
 ]
+# Test models beyond the presets: "tiny" has 7 layers; this 8-layer variant splits over 2 stages.
+VARIANTS = {"tiny-8": ("tiny", dict(hybrid_override_pattern="M*-EM*-E", num_layers=8))}
+
+
+def model_cfg(name: str):
+    from model.presets import get_preset
+
+    base, over = VARIANTS.get(name, (name, {}))
+    return get_preset(base, **over)
 
 
 def perturb(model, seed: int) -> None:
@@ -51,11 +62,10 @@ def save_under_layout(preset: str, layout: dict, path: str, seed: int = 3) -> No
     from megatron.core import parallel_state as ps
 
     from model.build import build_model, transformer_config
-    from model.presets import get_preset
     from parallel import groups
     from parallel.layout import ParallelLayout
 
-    cfg = get_preset(preset)
+    cfg = model_cfg(preset)
     lay = ParallelLayout(**layout)
     groups.setup(lay, seed=seed)
     try:
@@ -120,7 +130,7 @@ def test_export_matches_transformers(saved, tmp_path, name):
                 "layer_norm_epsilon", "tie_word_embeddings"):
         assert key in conf, key
     assert conf["model_type"] == "nemotron_h" and conf["mlp_hidden_act"] == "relu2"
-    if preset == "tiny":
+    if preset in ("tiny", "tiny-8"):
         assert conf["moe_latent_size"] == 32 and conf["num_nextn_predict_layers"] == 2
         assert conf["mtp_hybrid_override_pattern"] == "*E"
         assert v["mtp_tensors_exported"] > 0
