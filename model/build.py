@@ -167,7 +167,9 @@ def _define_hybrid_model():
         def setup_embeddings_and_output_layer(self) -> None:
             self.vp_stage = getattr(self.decoder, "vp_stage", None)
             if self.mtp_process and not self.pre_process:
-                from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+                from megatron.core.models.common.embeddings.language_model_embedding import (
+                    LanguageModelEmbedding,
+                )
 
                 # The same module the first stage builds (mamba_model.py:105), so the same key and TP sharding.
                 self.embedding = LanguageModelEmbedding(

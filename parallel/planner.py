@@ -44,9 +44,7 @@ class Plan(BaseModel):
 
 def build_problems(cfg: ModelConfig, layout: ParallelLayout) -> list[str]:
     """What Foldtron's model build cannot do yet, beyond ParallelLayout's own validation (model/build.py)."""
-    out = []
-    if layout.vpp:
-        out.append("vpp: Megatron-Core 0.16.1's MambaStack has no virtual pipeline stages (model/build.py)")
+    out: list[str] = []
     return out
 
 

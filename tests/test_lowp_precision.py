@@ -3,7 +3,14 @@ import collections
 
 import pytest
 
-from model.precision import PrecisionConfig, linear_format, linear_precisions, role_of, super_policy, te_recipe_kwargs
+from model.precision import (
+    PrecisionConfig,
+    linear_format,
+    linear_precisions,
+    role_of,
+    super_policy,
+    te_recipe_kwargs,
+)
 from model.presets import get_preset
 
 

@@ -287,3 +287,24 @@ def test_vpp_checkpoint_resumes_at_vpp_and_at_pp1(vpp_runs):
     b = back["stages"][0]
     assert "new layout" in out and b["iterations"] == [5, 6] and b["layout"]["pp"] == 1
     assert b["losses"] == pytest.approx(ref["losses"][4:], rel=1e-5)
+
+
+# MTP under pipeline parallelism: the last stage runs the MTP block with its own copy of the embedding.
+MTP_PP = ["model.hybrid_override_pattern=M*-EM*-E", "model.num_layers=8", "parallel.pp=2",
+          "parallel.use_distributed_optimizer=false", "checkpoint.keep_last=3"]
+
+
+def test_mtp_at_pp2_resumes_bit_identically(tmp_path):
+    full, _ = _train(tmp_path / "full", *MTP_PP)
+    f = full["stages"][0]
+    assert f["iterations"] == [1, 2, 3, 4, 5, 6] and all(math.isfinite(x) for x in f["losses"])
+    resumed, _ = _train(_from(tmp_path / "full", tmp_path / "resumed", 4), *MTP_PP)
+    r = resumed["stages"][0]
+    assert r["resumed_from"] == 4 and r["losses"] == f["losses"][4:]
+
+
+def test_mtp_at_pp2_with_the_distributed_optimizer_is_refused_by_name(tmp_path):
+    r = subprocess.run(_cmd(tmp_path / "x", *MTP_PP[:3], "parallel.use_distributed_optimizer=true"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "parallel.use_distributed_optimizer=false" in r.stderr and "mtp_num_layers" in r.stderr, r.stderr[-2000:]

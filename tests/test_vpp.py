@@ -13,11 +13,11 @@ def test_chunks_follow_megatron_placement():
     """pipeline_chunks against Megatron-Core's own get_transformer_layer_offset / get_num_layers_to_build, even and
     uneven (first/last stage sizes), and they tile the pattern once each in interleaved order."""
     import torch
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from model.build import transformer_config
     from model.presets import get_preset
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     cases = [("M*-EM*-E", 2, 2, None, None), ("M*-EM*-EM*-E", 3, 2, None, None), ("M*-E" * 4, 2, 4, None, None),
              ("M*-EM*-EM*-EM*", 3, 2, 2, 4), ("M*-E" * 4, 3, 2, None, 4), ("M*-EM*-EM*-EM*", 2, 2, 6, None),
@@ -57,7 +57,6 @@ def _chunk_layers(pp: int, vpp: int):
     """On one rank: build every virtual chunk and report its layers as (global layer number, symbol), plus the
     sharded_state_dict layer keys, which Megatron derives from layer_number - 1."""
     import torch
-
     from megatron.core.ssm.mamba_layer import MambaLayer
     from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
