@@ -176,6 +176,35 @@ def _model_key(model: Sequence, i: int) -> str:
     return "model" if len(model) == 1 else f"model{i}"
 
 
+@contextlib.contextmanager
+def _unpadded_param_index_maps(optimizer: Any) -> Iterator[None]:
+    """Megatron-Core 0.16.1's fully-reshardable distributed-optimizer state is gathered into one tensor per grad
+    buffer with the padding between buckets removed (distrib_optimizer.py, get_parameter_state_dp_zero: "gets rid of
+    the padding between buckets"), but `sharded_param_state_fully_reshardable` slices it with the buffer's padded
+    `param_index_map` offsets. With one bucket per buffer the two agree; a second bucket (DDP gives a shared-embedding
+    parameter its own, e.g. the last stage's MTP embedding copy under pp) shifts every later parameter's saved state
+    onto its neighbour, silently. For the duration of the call, give each buffer a map in the unpadded coordinates
+    the gathered tensor uses; loading reads by parameter order only, so it is unaffected either way."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    swapped = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for buf in opt.buffers:
+            shift, unpadded = {}, 0
+            for i, bucket in enumerate(buf.buckets):
+                shift[i] = unpadded - bucket.offset
+                unpadded += bucket.numel_unpadded
+            swapped.append((buf, buf.param_index_map))
+            buf.param_index_map = {p: (s + shift[b], e + shift[b], b) for p, (s, e, b) in buf.param_index_map.items()}
+    try:
+        yield
+    finally:
+        for buf, original in swapped:
+            buf.param_index_map = original
+
+
 def _sharded(model: Sequence, optimizer: Any, *, loading: bool, with_rng: bool, with_optimizer: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -186,7 +215,7 @@ def _sharded(model: Sequence, optimizer: Any, *, loading: bool, with_rng: bool, 
     sd: dict[str, Any] = {_model_key(model, i): chunk.sharded_state_dict() for i, chunk in enumerate(model)}
     if with_optimizer:
         # As Megatron-LM's generate_state_dict: the optimizer finds its parameters among all chunks' entries.
-        with _empty_optimizer_step_shim(optimizer):
+        with _empty_optimizer_step_shim(optimizer), _unpadded_param_index_maps(optimizer):
             sd["optimizer"] = optimizer.sharded_state_dict(
                 dict(sd), is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if with_rng:

@@ -468,16 +468,6 @@ def run_training(cfg: RunConfig, *, model_provider: Optional[ModelProvider] = No
 
     mcore_compat.apply()
     stages = resolve(cfg)  # config errors before any process group starts
-    for s in stages:
-        if cfg.model.mtp_num_layers and s.parallel.pp > 1 and s.parallel.use_distributed_optimizer:
-            # Under pp the last stage's MTP embedding copy is a shared-embedding parameter, which DDP puts in its own
-            # (padded) grad bucket; Megatron-Core 0.16.1's fully-reshardable distributed-optimizer checkpoint then
-            # slices the unpadded state with padded offsets (distrib_optimizer.py, get_parameter_state_dp_zero vs
-            # param_index_map) and every later parameter's state lands on its neighbour: resume is wrong, silently.
-            raise ValueError(
-                f"stage {s.name}: model.mtp_num_layers > 0 with parallel.pp={s.parallel.pp} needs "
-                "parallel.use_distributed_optimizer=false (Megatron-Core 0.16.1 misplaces distributed-optimizer "
-                "checkpoint state when the last stage holds MTP's embedding copy); or use pp=1")
     init_distributed()
     stop = StopRequests(cfg.train.exit_duration_in_mins).install()
     summary: dict[str, Any] = {"stages": [], "run_dir": cfg.checkpoint.save,
