@@ -1,7 +1,6 @@
 """Layout planner: enumerate folded layouts (TP x CP x PP x DP for the dense part, ETP x EP x EDP for experts) for
-N GPUs, keep those `ParallelLayout.problems` accepts and that Foldtron can build, give each the cheapest recompute
-option that fits in HBM, and rank by predicted tokens/s per GPU (memory/time models: parallel/memory.py,
-parallel/steptime.py)."""
+N GPUs, keep those `ParallelLayout.problems` accepts, give each the cheapest recompute option that fits in HBM, and
+rank by predicted tokens/s per GPU (memory/time models: parallel/memory.py, parallel/steptime.py)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -42,16 +41,9 @@ class Plan(BaseModel):
                            ("compute_s", "tp_s", "cp_s", "ep_s", "pp_p2p_s", "bubble_s", "dp_exposed_s")}}
 
 
-def build_problems(cfg: ModelConfig, layout: ParallelLayout) -> list[str]:
-    """What Foldtron's model build cannot do yet, beyond ParallelLayout's own validation (model/build.py)."""
-    out: list[str] = []
-    return out
-
-
 def layout_problems(cfg: ModelConfig, layout: ParallelLayout, world_size: int, seq_length: int,
                     micro_batch_size: int, global_batch_size: int, gpu: Optional[GPUSpec] = None) -> list[str]:
     out = layout.problems(cfg, world_size, seq_length, micro_batch_size, global_batch_size)
-    out += build_problems(cfg, layout)
     if gpu is not None and layout.tp * layout.etp > 1 and max(layout.tp, layout.etp) > gpu.nvlink_domain:
         out.append(f"tp/etp: tensor parallelism beyond the NVLink domain ({gpu.nvlink_domain} GPUs) is not planned")
     return out
