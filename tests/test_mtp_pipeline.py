@@ -11,26 +11,15 @@ from tests.distributed import run_on_ranks
 
 def _chunks(pp: int, vpp):
     """On one rank: build every chunk of the MTP test preset without loading anything and describe it."""
-    import torch
-
-    from model.build import build_model, transformer_config
     from model.presets import get_preset
-    from parallel import groups
-    from parallel.layout import ParallelLayout
+    from tests.pipeline_chunks import rank_chunks
 
     cfg = get_preset("tiny", hybrid_override_pattern="M*-EM*-E", num_layers=8)
-    groups.setup(ParallelLayout(pp=pp, vpp=vpp), seed=1234)
-    try:
+    with rank_chunks(cfg, pp, vpp) as chunks:
         from megatron.core import parallel_state as ps
 
-        tc = transformer_config(cfg, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
-                                params_dtype=torch.float32, pipeline_dtype=torch.float32)
         out = []
-        for v in range(vpp or 1):
-            vp = v if vpp else None
-            m = build_model(cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp,
-                            config=tc)
+        for v, m in enumerate(chunks):
             emb = m.embedding.word_embeddings.weight if hasattr(m, "embedding") else None
             sd = m.sharded_state_dict()
             emb_entry = sd.get("embedding.word_embeddings.weight")
@@ -43,8 +32,6 @@ def _chunks(pp: int, vpp):
                 emb_key=None if emb_entry is None else (emb_entry.key, emb_entry.replica_id[0]),
                 mtp_keys=sorted({v.key for v in sd.values() if getattr(v, "key", "").startswith("mtp.")})))
         return out
-    finally:
-        groups.teardown()
 
 
 @pytest.mark.multiproc

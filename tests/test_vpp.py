@@ -56,28 +56,18 @@ def test_bad_interleaved_splits_named(args, words):
 def _chunk_layers(pp: int, vpp: int):
     """On one rank: build every virtual chunk and report its layers as (global layer number, symbol), plus the
     sharded_state_dict layer keys, which Megatron derives from layer_number - 1."""
-    import torch
-    from megatron.core.ssm.mamba_layer import MambaLayer
-    from megatron.core.ssm.mlp_layer import MLPLayer
-    from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
-
-    from model.build import build_model, transformer_config
     from model.presets import get_preset
-    from parallel import groups
-    from parallel.layout import ParallelLayout
+    from tests.pipeline_chunks import rank_chunks
 
     cfg = get_preset("tiny", hybrid_override_pattern=PATTERN, num_layers=len(PATTERN), mtp_num_layers=0)
-    groups.setup(ParallelLayout(pp=pp, vpp=vpp), seed=1234)
-    try:
+    with rank_chunks(cfg, pp, vpp) as chunks:
         from megatron.core import parallel_state as ps
+        from megatron.core.ssm.mamba_layer import MambaLayer
+        from megatron.core.ssm.mlp_layer import MLPLayer
+        from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
 
-        tc = transformer_config(cfg, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
-                                params_dtype=torch.float32, pipeline_dtype=torch.float32)
         out = []
-        for v in range(vpp):
-            m = build_model(cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v),
-                            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v), vp_stage=v,
-                            config=tc)
+        for v, m in enumerate(chunks):
             layers = []
             for layer in m.decoder.layers:
                 kind = ("M" if isinstance(layer, MambaLayer) else "E" if isinstance(layer, MoETransformerLayer) else
@@ -90,8 +80,6 @@ def _chunk_layers(pp: int, vpp: int):
                             vp_stage=m.vp_stage, embedding=hasattr(m, "embedding"),
                             output=hasattr(m, "output_layer"), final_norm=hasattr(m.decoder, "final_norm")))
         return out
-    finally:
-        groups.teardown()
 
 
 @pytest.mark.multiproc
