@@ -13,8 +13,8 @@ still count, as in Megatron), and `train.max_consecutive_nan_skips` in a row abo
 The model comes from a provider, `provider(model_cfg, *, pre_process, post_process, parallel_kwargs, precision)`,
 default `model.build.build_model`; tests and benchmarks may pass another one. Under interleaved pipelining
 (`parallel.vpp`) the provider is called once per virtual stage with `vp_stage=v` as well, and every chunk reads its
-own copy of the micro-batch stream (Megatron-LM builds one data iterator per chunk over the same data). The provider always gets a
-high-precision policy: `precision.recipe: nvfp4|mxfp8` builds BF16 and routes the linears through the emulated
+own copy of the micro-batch stream (Megatron-LM builds one data iterator per chunk over the same data). The
+provider always gets a high-precision policy: `precision.recipe: nvfp4|mxfp8` builds BF16 and routes the linears through the emulated
 recipe (`model.lowp.apply_precision`); with `precision.telemetry_interval` > 0 the quantization statistics go to
 TensorBoard as `<recipe>/<module>/<role>/{flushed,saturated,rel_error}` every that many (run-global) steps.
 """

@@ -1,6 +1,7 @@
 """A shortened quickstart end to end, checking every artifact is there and valid: curated report, shards
 readable with webdataset, TensorBoard scalars, a checkpoint training resumes from, an export transformers loads."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,6 @@ def test_quickstart_end_to_end(tmp_path):
 
     # every stage trained and wrote a final checkpoint; training picks up from them: with the long-context
     # stage's checkpoints gone, a rerun starts it from phase 2's final checkpoint and reproduces its losses
-    import shutil
-
     summary = json.loads((out / "train_summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["phase1", "phase2", "long_context"]
     assert all(s["completed"] for s in summary["stages"])
