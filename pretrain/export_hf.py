@@ -12,7 +12,9 @@ Why this shape:
 - Names: model/hf_mapping.py (`megatron_to_hf`). Router weight and expert-score bias stay fp32 in a bf16 export
   (transformers keeps them fp32 anyway: `_keep_in_fp32_modules_strict`), so they round-trip losslessly.
 - The output is written to `<output>.tmp-<pid>` and renamed at the end: a failed export never leaves a
-  directory that looks complete.
+  directory that looks complete. `overwrite` replaces only a previous export (recognised by `foldtron_export.json`,
+  which lists every file the export wrote) and deletes only those files; a run directory, a file, or a directory
+  holding anything else is refused before the export starts.
 """
 from __future__ import annotations
 
@@ -340,6 +342,109 @@ def write_tokenizer(src: Union[str, Path], out: Path, vocab_size: int) -> Dict[s
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The output directory: an export replaces only a previous export, and deletes only the files that export wrote.
+
+#: Written last into every export (HF and NVFP4); lists every file of the export (`files`), so that
+#: `--overwrite` can tell an export from a run directory and delete exactly what an export wrote.
+EXPORT_MARKER = "foldtron_export.json"
+#: What an export written before the marker listed its files consisted of (recognised only next to the marker).
+_LEGACY_ARTIFACTS = re.compile(r"^(config\.json|generation_config\.json|model\.safetensors\.index\.json|"
+                               r"model(-\d{5}-of-\d{5})?\.safetensors|mtp\.safetensors|hf_quant_config\.json|"
+                               r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|"
+                               r"chat_template\.jinja|foldtron_export\.json)$")
+
+
+def _files_under(d: Path) -> list:
+    """Every file under `d` (relative paths), and every empty directory as `name/`."""
+    return sorted(p.relative_to(d).as_posix() + ("/" if p.is_dir() else "") for p in d.rglob("*")
+                  if not p.is_dir() or not any(p.iterdir()))
+
+
+def foreign_entries(output: Path) -> Optional[list]:
+    """The files in `output` that no previous export wrote (relative paths), or None when `output` has no export
+    marker (then nothing in it is known to be an export's, unless it is empty)."""
+    files = _files_under(output)
+    marker = output / EXPORT_MARKER
+    if not marker.is_file():
+        return None if files else []
+    try:
+        listed = json.loads(marker.read_text()).get("files")
+    except (ValueError, AttributeError) as e:
+        raise ExportError(f"{marker} is not a readable export marker ({e}); not overwriting {output}") from None
+    if listed is None:
+        return [f for f in files if not _LEGACY_ARTIFACTS.match(f)]
+    known = set(listed) | {EXPORT_MARKER}
+    return [f for f in files if f not in known]
+
+
+def check_output(output: Union[str, Path], overwrite: bool) -> Path:
+    """Fail before any work unless `output` can take an export: it does not exist, or (with `overwrite`) it is an
+    empty directory or holds a previous export and nothing else. A file, a run or checkpoint directory, or a directory
+    holding any file an export did not write is refused, naming what is in the way."""
+    output = Path(output)
+    if output.is_symlink():
+        raise ExportError(f"output {output} is a symbolic link; name the directory itself")
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"output {output} is a file, not a directory; name a directory for the export")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"output {output}: {parent} is a file, not a directory")
+            break
+    if not output.exists():
+        return output
+    if not overwrite:
+        raise ExportError(f"output {output} exists; pass --overwrite (overwrite=True) to replace a previous export")
+    foreign = foreign_entries(output)
+    if foreign is None:
+        what = ", ".join(sorted(p.name for p in output.iterdir())[:8])
+        raise ExportError(f"output {output} exists and is not a Foldtron export (no {EXPORT_MARKER}; it holds "
+                          f"{what}); refusing to touch it even with --overwrite: name a new or empty directory")
+    if foreign:
+        raise ExportError(f"output {output} holds files no export wrote ({', '.join(foreign[:8])}"
+                          f"{', ...' if len(foreign) > 8 else ''}); refusing to replace it: move them or name "
+                          "another directory")
+    return output
+
+
+def write_marker(tmp: Path, info: Dict[str, Any]) -> None:
+    """The export marker, written last: `info` plus the list of every file the export wrote."""
+    files = [f for f in _files_under(tmp) if f != EXPORT_MARKER]
+    (tmp / EXPORT_MARKER).write_text(json.dumps({**info, "files": files}, indent=1) + "\n")
+
+
+def install_output(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Move the finished export `tmp` to `output`. A previous export there is checked again (it may have changed
+    during the export), renamed aside, replaced by one rename, and then only its own files are deleted."""
+    if not output.exists() or not any(output.iterdir()):
+        os.replace(tmp, output)
+        return
+    check_output(output, overwrite)
+    old = output.parent / f".{output.name}.old-{os.getpid()}"
+    os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
+    remove_export(old)
+
+
+def remove_export(d: Path) -> None:
+    """Delete an export directory file by file, only if every file in it is the export's (else leave it)."""
+    foreign = foreign_entries(d)
+    if foreign is None or foreign:
+        log.warning("left %s in place: it holds files no export wrote (%s)", d, foreign)
+        return
+    for f in _files_under(d):
+        if not f.endswith("/"):
+            (d / f).unlink()
+    for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        sub.rmdir()
+    d.rmdir()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The export
 
 def _rss_peak_bytes() -> int:
@@ -361,12 +466,10 @@ def export_hf(checkpoint_dir: Union[str, Path], output_dir: Union[str, Path], dt
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
     out_dtype = DTYPES[dtype]
+    output = check_output(output_dir, overwrite)  # before any work: a wrong --output fails at once
     ckpt, meta = resolve_checkpoint(checkpoint_dir)
     cfg, tok_path = resolve_config(config, meta)
     tok_path = tokenizer or tok_path
-    output = Path(output_dir)
-    if output.exists() and not overwrite:
-        raise ExportError(f"output {output} exists; remove it or pass overwrite=True (--overwrite)")
     reader = CheckpointReader(ckpt, cfg)
     expected = hf_shapes(cfg, reader.model)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
@@ -394,12 +497,10 @@ def export_hf(checkpoint_dir: Union[str, Path], output_dir: Union[str, Path], dt
         from transformers import GenerationConfig
 
         GenerationConfig(**{k: v for k, v in special.items()}).save_pretrained(str(tmp))
-        (tmp / "foldtron_export.json").write_text(json.dumps(
-            {"checkpoint": str(ckpt), "iteration": meta.get("iteration"), "stage": meta.get("stage"),
-             "layout": meta.get("layout"), "dtype": dtype, "model": cfg.model_dump(mode="json")}, indent=1) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        write_marker(tmp, {"kind": "hf", "checkpoint": str(ckpt), "iteration": meta.get("iteration"),
+                           "stage": meta.get("stage"), "layout": meta.get("layout"), "dtype": dtype,
+                           "model": cfg.model_dump(mode="json")})
+        install_output(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
-from pretrain.export_hf import ExportError, ShardWriter
+from pretrain.export_hf import ExportError, ShardWriter, check_output, install_output, write_marker
 
 #: Kept in high precision besides modelopt's defaults (router gate, conv1d, embeddings, lm_head are already).
 DEFAULT_EXCLUDE: tuple = ()
@@ -50,8 +50,7 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
     from pretrain.import_hf import HFCheckpoint
 
     src, output = Path(hf_dir), Path(output_dir)
-    if output.exists() and not overwrite:
-        raise ExportError(f"output {output} exists; remove it or pass overwrite=True")
+    check_output(output, overwrite)
     hf = HFCheckpoint(src)  # validates files (truncation, index) before the long part
     mtp_names = sorted(n for n in hf.where if n.startswith("mtp."))
     model = NemotronHForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).eval()
@@ -107,9 +106,8 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
         total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                                     indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        write_marker(tmp, {"kind": "nvfp4", "source": str(src), "quant_algo": q["quantization"]["quant_algo"]})
+        install_output(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -147,6 +147,41 @@ def parse_layout(spec: Union[None, str, dict, Any]):
     return ParallelLayout(**spec)
 
 
+def check_import_target(out: Path, stage: str, overwrite: bool, hf_dir: Path) -> None:
+    """Before any work: the import writes `<out>/<stage>/iter_0000000`, `<out>/<stage>/latest` and
+    `<out>/tokenizer.json`. `overwrite` replaces only a previous import (its foldtron.json records `source`); a
+    stage directory holding trained checkpoints, or a different tokenizer.json it did not write, is refused."""
+    from pretrain import checkpoint as ckpt
+
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} is a file, not a directory")
+    sdir = out / stage
+    final = sdir / ckpt.iter_name(0)
+    if final.exists() and not overwrite:
+        raise ExportError(f"{final} exists; remove it or pass overwrite=True (--overwrite)")
+    prev = {}
+    if final.exists():
+        try:
+            prev = json.loads((final / ckpt.META).read_text())
+        except (OSError, ValueError):
+            prev = {}
+        if "source" not in prev or not prev.get("weights_only"):
+            raise ExportError(f"{final} is not a previous import (its {ckpt.META} records no `source`); refusing "
+                              "to replace it even with --overwrite: choose another --output or --stage")
+    if sdir.is_dir():
+        others = sorted(p.name for p in sdir.iterdir()
+                        if p.name != final.name and not p.name.startswith(("latest", final.name + ".tmp-")))
+        if others:
+            raise ExportError(f"stage directory {sdir} already holds {', '.join(others[:5])}: importing there would "
+                              "point its `latest` back at iteration 0; choose another --output or --stage")
+    tok, src_tok = out / "tokenizer.json", hf_dir / "tokenizer.json"
+    if tok.exists() and src_tok.is_file() and tok.read_bytes() != src_tok.read_bytes():
+        ours = overwrite and prev.get("tokenizer") == str(tok.resolve())
+        if not ours:
+            raise ExportError(f"{tok} exists and differs from {src_tok}; refusing to replace a tokenizer this import "
+                              "did not write: choose another --output")
+
+
 def import_hf(hf_dir: Union[str, Path], output_dir: Union[str, Path], layout: Any = None, *,
               stage: str = "pretrained", world_size: Optional[int] = None, overwrite: bool = False,
               **model_overrides: Any) -> Dict[str, Any]:
@@ -160,6 +195,7 @@ def import_hf(hf_dir: Union[str, Path], output_dir: Union[str, Path], layout: An
     from model.hf_mapping import hf_to_megatron, model_config_from_hf
     from pretrain import checkpoint as ckpt
 
+    check_import_target(Path(output_dir), stage, overwrite, Path(hf_dir))
     hf = HFCheckpoint(hf_dir)
     try:
         cfg: ModelConfig = model_config_from_hf(hf.config, **model_overrides)
@@ -187,8 +223,7 @@ def import_hf(hf_dir: Union[str, Path], output_dir: Union[str, Path], layout: An
 
     out = Path(output_dir)
     final = out / stage / ckpt.iter_name(0)
-    if final.exists() and not overwrite:
-        raise ExportError(f"{final} exists; remove it or pass overwrite=True (--overwrite)")
+    check_import_target(out, stage, overwrite, hf.dir)  # again: the directory may have changed meanwhile
     tmp = out / stage / (ckpt.iter_name(0) + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -295,6 +295,31 @@ def test_bad_checkpoint_is_an_error_and_leaves_no_output(saved, tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.slow
+@pytest.mark.reliability
+def test_overwrite_replaces_only_a_previous_export(saved, tmp_path):
+    """Issue 20: `--overwrite --output RUN` deleted every checkpoint in RUN. Now a directory that is not an export
+    is refused (nothing touched); a previous export is replaced and its stale shards go; foreign files block."""
+    from pretrain.export_hf import ExportError, export_hf
+
+    root = Path(saved["1rank"]).parent  # every layout's checkpoint: a run directory in all but name
+    before = {p: p.stat().st_size for p in root.rglob("*")}
+    with pytest.raises(ExportError, match="not a Foldtron export"):
+        export_hf(saved["1rank"], root, "fp32", overwrite=True)
+    assert {p: p.stat().st_size for p in root.rglob("*")} == before
+    out = tmp_path / "hf"
+    export_hf(saved["1rank"], out, "fp32", max_shard_bytes=200_000)
+    assert len(list(out.glob("*.safetensors"))) > 1
+    export_hf(saved["1rank"], out, "fp32", overwrite=True)
+    assert [p.name for p in out.glob("*.safetensors")] == ["model-00001-of-00001.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"notes\.txt"):
+        export_hf(saved["1rank"], out, "fp32", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
 def test_cli_run_dir_tokenizer_and_verify(saved, tmp_path, capsys):
     """`foldtron export-hf` on a run directory (stage/latest -> iter dir), tokenizer from the run config's
     data.tokenizer: AutoTokenizer loads the export and encodes like `tokenizers`; --verify passes."""

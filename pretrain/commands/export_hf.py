@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the run config's data.tokenizer)")
     p.add_argument("--max-shard-size", default="5GB", type=_size, help="safetensors shard size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export in --output (only a directory that holds a Foldtron "
+                        "export and nothing else; only the export's own files are deleted)")
     p.add_argument("--verify", action="store_true",
                    help="then load the export with transformers and compare logits/generation with Foldtron")
     p.add_argument("--nvfp4", metavar="HFDIR", help="also write an NVFP4-quantized export here (needs CUDA)")
@@ -33,8 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pretrain.export_hf import export_hf, verify_export
+    from pretrain.export_hf import check_output, export_hf, verify_export
 
+    if args.nvfp4:  # both outputs are checked before the (long) first export starts
+        check_output(args.nvfp4, args.overwrite)
     config = None
     if args.config or args.overrides:
         from pretrain.config import load_config
