@@ -254,6 +254,23 @@ def _require(markers: list[Path], what: str, hint: str) -> None:
         raise CurationError(f"{len(missing)} of {len(markers)} {what} not done (first: {missing[0].name}); {hint}")
 
 
+def check_inputs_read(run: Run) -> None:
+    """Once every map task is done: a source whose files hold no document at all (empty files, only blank lines)
+    is an error naming it and its files, not an empty curated source that the later steps pass on silently."""
+    docs: dict[str, int] = {}
+    for u in run.units:
+        path = run.unit_dir(u.index) / "report.json"
+        if not path.exists():
+            return  # maps not all done: the reduce stage says so
+        docs[u.source] = docs.get(u.source, 0) + read_json(path)["input"]["docs"]
+    empty = [s for s in run.specs if docs.get(s, 0) == 0]
+    if empty:
+        files = {s: [f.path for u in run.units if u.source == s for f in u.files] for s in empty}
+        raise CurationError("empty input: " + "; ".join(
+            f"source {s!r} read 0 documents from {len(fs)} file(s) ({', '.join(fs[:3])}{', ...' if len(fs) > 3 else ''})"
+            for s, fs in files.items()) + " -- check the sources YAML paths or drop the source")
+
+
 def reduce_part(run: Run, p: int) -> None:
     if is_done(run.reduce_done(p)):
         return
@@ -395,6 +412,7 @@ def run_curation(sources: str | os.PathLike, output: str | os.PathLike, config: 
     if stage in ("map", "all"):
         _run_tasks(map_unit, run, units, cpus, "curate map", progress)
     if stage in ("reduce", "all"):
+        check_inputs_read(run)
         _run_tasks(reduce_part, run, parts, cpus, "curate reduce", progress)
     if stage in ("write", "all"):
         resolve_dedup(run)

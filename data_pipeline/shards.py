@@ -20,8 +20,6 @@ killing and re-running is safe and cheap, and the manifest is rebuilt from the p
 """
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
 import re
@@ -41,44 +39,38 @@ class CuratedInputError(ValueError):
     """Curated input that cannot be read as documents; the message names the file (and line)."""
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    name = path.name
-    if name.endswith(".zst"):
-        import zstandard
-
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                encoding="utf-8")
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
-
-
 def iter_documents(path: str | Path, source: Optional[str] = None) -> Iterator[tuple[str, str]]:
-    """(id, text) for every record of one curated file; ids default to `<file>:<line>`."""
+    """(id, text) for every record of one curated file; ids default to `<file>:<line>`. A compressed file cut
+    off before its end is an error naming it (zstandard's own reader would end there silently)."""
+    from data_pipeline.sources import TruncatedInput, iter_lines
+
     path = Path(path)
-    try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CuratedInputError(f"{path}:{lineno}: not JSON ({e})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise CuratedInputError(f"{path}:{lineno}: record has no string field 'text'")
-                if source is not None and rec.get("source", source) != source:
-                    raise CuratedInputError(f"{path}:{lineno}: record source {rec.get('source')!r} but the file "
-                                            f"is under source directory {source!r}")
-                yield str(rec.get("id", f"{path.name}:{lineno}")), rec["text"]
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        if isinstance(e, CuratedInputError):
-            raise
-        raise CuratedInputError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
-    except Exception as e:  # zstandard raises its own ZstdError on truncated frames
-        if isinstance(e, CuratedInputError) or type(e).__name__ != "ZstdError":
-            raise
-        raise CuratedInputError(f"{path}: corrupt zstd stream ({e})") from e
+    lines = iter_lines(str(path))
+    while True:
+        try:
+            lineno, raw = next(lines)
+        except StopIteration:
+            return
+        except TruncatedInput as e:
+            raise CuratedInputError(str(e)) from None
+        except OSError as e:
+            raise CuratedInputError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CuratedInputError(f"{path}:{lineno}: not UTF-8 ({e})") from None
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CuratedInputError(f"{path}:{lineno}: not JSON ({e})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise CuratedInputError(f"{path}:{lineno}: record has no string field 'text'")
+        if source is not None and rec.get("source", source) != source:
+            raise CuratedInputError(f"{path}:{lineno}: record source {rec.get('source')!r} but the file "
+                                    f"is under source directory {source!r}")
+        yield str(rec.get("id", f"{path.name}:{lineno}")), rec["text"]
 
 
 def list_curated(curated_dir: str | Path) -> dict[str, list[Path]]:
@@ -86,6 +78,9 @@ def list_curated(curated_dir: str | Path) -> dict[str, list[Path]]:
     root = Path(curated_dir)
     if not root.is_dir():
         raise CuratedInputError(f"curated directory {root} does not exist")
+    if (root / "curated").is_dir() and ((root / "reports").is_dir() or (root / "_work").is_dir()):
+        raise CuratedInputError(f"{root} is a `foldtron curate` run directory, not its curated data: pass "
+                                f"--input {root / 'curated'}")
     stray = sorted(p.name for p in root.iterdir() if p.is_file() and p.name.endswith(CURATED_SUFFIXES))
     if stray:
         raise CuratedInputError(f"{root} has JSONL files outside a source subdirectory ({stray[:3]}...): put each "
@@ -98,6 +93,18 @@ def list_curated(curated_dir: str | Path) -> dict[str, list[Path]]:
     if not out:
         raise CuratedInputError(f"no curated files ({'/'.join(CURATED_SUFFIXES)}) under {root}/<source>/")
     return out
+
+
+def _check_source_input(source: str, files: list[Path]) -> None:
+    """Before anything is written: the source's first record is readable and filed under this source (a curated
+    directory one level too high fails here), and the source holds at least one document (empty input is an
+    error naming the files, not an empty manifest)."""
+    for f in files:
+        for _ in iter_documents(f, source):
+            return
+    names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+    raise CuratedInputError(f"empty input: source {source!r} has no documents in its {len(files)} curated "
+                            f"file(s) ({names})")
 
 
 def _stem(path: Path, source_dir: Path) -> str:
@@ -146,7 +153,6 @@ def _part_is_current(job: _Job, tokenizer_sha: str) -> Optional[dict]:
 
 def _run_job(job: _Job) -> dict:
     """Tokenize one curated file into shards; returns its part record (also written to .parts/)."""
-    import webdataset as wds
 
     from data_pipeline.tokenizer import Tokenizer, TokenizerPolicy
 
@@ -159,6 +165,16 @@ def _run_job(job: _Job) -> dict:
     tmp = src_dir / f".tmp-{job.stem}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _write_job(job, tok, tok_sha, src_dir, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # this job's own temporary folder, never a finished shard
+        raise
+
+
+def _write_job(job: _Job, tok, tok_sha: str, src_dir: Path, tmp: Path) -> dict:
+    import webdataset as wds
+
     ext = "tokens.u16" if tok.dtype.itemsize == 2 else "tokens.u32"
     shards: list[dict] = []
     counts = {"documents": 0, "tokens": 0}
@@ -240,23 +256,34 @@ def write_shards(curated_dir: str | Path, out_dir: str | Path, tokenizer: str | 
     out = Path(out_dir)
     jobs = []
     for source, files in curated.items():
-        (out / source).mkdir(parents=True, exist_ok=True)
         stems = [_stem(f, Path(curated_dir) / source) for f in files]
         if len(set(stems)) != len(stems):
             raise CuratedInputError(f"source {source}: input names collide after sanitizing ({stems})")
+        _check_source_input(source, files)
         jobs += [_Job(source, str(f), s, str(out), str(tokenizer), policy, int(shard_bytes), batch_documents)
                  for f, s in zip(files, stems)]
-    if workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(threads,)) as pool:
-            results = list(pool.map(_run_job, jobs))
-    else:
-        results = []
-        for i, job in enumerate(jobs):
-            results.append(_run_job(job))
-            if progress:
-                print(f"[{i + 1}/{len(jobs)}] {job.source}/{job.stem}: "
-                      f"{'up to date' if results[-1]['skipped'] else 'written'}", flush=True)
+    created = [d for d in [out, *(out / s for s in curated)] if not d.exists()]
+    for source in curated:
+        (out / source).mkdir(parents=True, exist_ok=True)
+    try:
+        if workers > 1:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+                results = list(pool.map(_run_job, jobs))
+        else:
+            results = []
+            for i, job in enumerate(jobs):
+                results.append(_run_job(job))
+                if progress:
+                    print(f"[{i + 1}/{len(jobs)}] {job.source}/{job.stem}: "
+                          f"{'up to date' if results[-1]['skipped'] else 'written'}", flush=True)
+    except BaseException:
+        for d in reversed(created):  # folders this call made and left empty; nothing anyone else wrote
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
     manifests = {}
     for source in curated:
         recs = [r for j, r in zip(jobs, results) if j.source == source]

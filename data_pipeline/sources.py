@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import gzip
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -184,14 +182,114 @@ def plan_units(specs: list[SourceSpec], target_bytes: int) -> list[Unit]:
     return units
 
 
-def _open_bytes(path: str) -> io.BufferedIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst") or path.endswith(".zstd"):
-        import zstandard
+class TruncatedInput(SourceError):
+    """A compressed file whose stream ends early (an interrupted copy or download) or is corrupt: `line` is the
+    first line that could not be read whole, `nbytes` the bytes of that partial line."""
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+    def __init__(self, path: str, line: int, detail: str, nbytes: int = 0):
+        super().__init__(f"{path}: truncated or corrupt at line {line}: {detail}")
+        self.path, self.line, self.detail, self.nbytes = path, line, detail, nbytes
+
+
+_CHUNK = 1 << 16
+
+
+def _zstd_chunks(path: str) -> Iterator[bytes]:
+    """Decompressed bytes of every zstd frame in the file. zstandard's stream_reader ends quietly at a cut-off
+    frame; here a frame that was started but never finished raises EOFError."""
+    import zstandard
+
+    with open(path, "rb") as raw:
+        d, fed = zstandard.ZstdDecompressor().decompressobj(), False
+        while block := raw.read(_CHUNK):
+            while block:
+                try:
+                    out = d.decompress(block)
+                except zstandard.ZstdError as e:
+                    raise EOFError(f"corrupt zstd stream ({e})") from None
+                fed = True
+                if out:
+                    yield out
+                if d.eof:  # the next frame (if any) starts in what this one did not use
+                    block = d.unused_data
+                    d, fed = zstandard.ZstdDecompressor().decompressobj(), False
+                else:
+                    block = b""
+        if fed and not d.eof:
+            raise EOFError("the zstd stream ends before the end of its frame")
+
+
+def _gzip_chunks(path: str) -> Iterator[bytes]:
+    """Decompressed bytes of every gzip member. gzip.GzipFile raises EOFError at a cut-off stream and loses what
+    its last read had decompressed; zlib's decompressor hands over every byte before the cut."""
+    import zlib
+
+    with open(path, "rb") as raw:
+        d, fed = zlib.decompressobj(wbits=31), False
+        while block := raw.read(_CHUNK):
+            while block:
+                if not fed and not block.startswith(b"\x1f\x8b"[: len(block)]):
+                    if not block.strip(b"\0"):
+                        break  # zero padding after the last member (tape/block devices), as gzip allows
+                    raise EOFError("not a gzip stream (bad magic bytes)")
+                try:
+                    out = d.decompress(block)
+                except zlib.error as e:
+                    raise EOFError(f"corrupt gzip stream ({e})") from None
+                fed = True
+                if out:
+                    yield out
+                if d.eof:  # the next member (if any) starts in what this one did not use
+                    block = d.unused_data
+                    d, fed = zlib.decompressobj(wbits=31), False
+                else:
+                    block = b""
+        if fed and not d.eof:
+            raise EOFError("the gzip stream ends before its end-of-stream marker")
+
+
+def _chunks(path: str) -> Iterator[bytes]:
+    """The file's (decompressed) bytes in chunks; EOFError if a compressed stream is cut off or corrupt."""
+    if path.endswith(".gz"):
+        yield from _gzip_chunks(path)
+    elif path.endswith(".zst") or path.endswith(".zstd"):
+        yield from _zstd_chunks(path)
+    else:
+        with open(path, "rb") as fh:
+            while block := fh.read(_CHUNK):
+                yield block
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole (decompressed) file; TruncatedInput names the file if its compressed stream is cut off."""
+    parts: list[bytes] = []
+    try:
+        for block in _chunks(path):
+            parts.append(block)
+    except EOFError as e:
+        raise TruncatedInput(path, 1, str(e), sum(map(len, parts))) from None
+    return b"".join(parts)
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line with its newline) of a plain, .gz or .zst file, streaming. A compressed stream
+    that ends early raises TruncatedInput after the last whole line: the lines before it are kept, the cut-off
+    one is not passed on as if it were a record."""
+    lineno, tail = 0, b""
+    try:
+        for block in _chunks(path):
+            if b"\n" not in block:
+                tail += block
+                continue
+            lines = (tail + block).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                lineno += 1
+                yield lineno, line + b"\n"
+    except EOFError as e:
+        raise TruncatedInput(path, lineno + 1, str(e), len(tail)) from None
+    if tail:
+        yield lineno + 1, tail
 
 
 Record = dict  # {"id", "source", "text", "language", "code", ...keep_fields}
@@ -201,8 +299,11 @@ def read_file(spec: SourceSpec, f: InputFile) -> Iterator[tuple[Record | BadInpu
     """Yield (record or BadInput, raw byte size) for each document in one file, streaming."""
     base = {"source": spec.name, "language": spec.language, "code": bool(spec.code)}
     if spec.kind in ("text_tree", "code_tree"):
-        with _open_bytes(f.path) as fh:
-            raw = fh.read()
+        try:
+            raw = read_bytes(f.path)
+        except TruncatedInput as t:
+            yield BadInput("truncated", f.path, t.line, t.detail), f.size
+            return
         rel = f.rel[:-3] if f.rel.endswith(".gz") else f.rel
         try:
             text = raw.decode("utf-8")
@@ -212,39 +313,58 @@ def read_file(spec: SourceSpec, f: InputFile) -> Iterator[tuple[Record | BadInpu
         yield {"id": f"{spec.name}:{rel}", **base, "text": text}, len(raw)
         return
     if spec.kind == "jsonl":
-        with _open_bytes(f.path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    s = line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield BadInput("undecodable", f.path, lineno, str(e)), len(line)
-                    continue
-                try:
-                    obj = json.loads(s)
-                except json.JSONDecodeError as e:
-                    yield BadInput("malformed_json", f.path, lineno, str(e)), len(line)
-                    continue
-                yield _record(spec, base, obj, f, lineno), len(line)
-        return
+        lines = iter_lines(f.path)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                return
+            except TruncatedInput as t:  # the lines before it were read: the cut-off tail is one bad input
+                yield BadInput("truncated", f.path, t.line, t.detail), t.nbytes
+                return
+            if not line.strip():
+                continue
+            try:
+                s = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadInput("undecodable", f.path, lineno, str(e)), len(line)
+                continue
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError as e:
+                yield BadInput("malformed_json", f.path, lineno, str(e)), len(line)
+                continue
+            yield _record(spec, base, obj, f, lineno), len(line)
     if spec.kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(f.path)
+        try:
+            pf = pq.ParquetFile(f.path)
+        except (pa.ArrowException, OSError) as e:  # a cut-off file has no footer
+            yield BadInput("truncated", f.path, 1, f"not a readable parquet file ({type(e).__name__}: {e})"), f.size
+            return
         cols = [spec.text_field, *spec.keep_fields]
         missing = [c for c in cols if c not in pf.schema_arrow.names]
         if missing:
             raise SourceError(f"{f.path}: parquet file has no column(s) {missing} "
                               f"(columns: {pf.schema_arrow.names})")
         row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=cols):
+        batches = pf.iter_batches(batch_size=1024, columns=cols)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as e:
+                yield BadInput("corrupt", f.path, row + 1, f"parquet rows from {row + 1} unreadable "
+                               f"({type(e).__name__}: {e})"), 0
+                return
             for obj in batch.to_pylist():
                 row += 1
                 size = len(obj[spec.text_field].encode("utf-8", "surrogatepass")) \
                     if isinstance(obj.get(spec.text_field), str) else 0
                 yield _record(spec, base, obj, f, row), size
-        return
     raise SourceError(f"unknown source kind {spec.kind!r}")
 
 
@@ -269,11 +389,13 @@ def _record(spec: SourceSpec, base: dict, obj, f: InputFile, n: int) -> Record |
 
 
 def iter_jsonl_zst(path: str | os.PathLike) -> Iterator[dict]:
-    """The records of one curated part file."""
-    with _open_bytes(str(path)) as fh:
-        for line in fh:
-            if line.strip():
+    """The records of one curated part file (TruncatedInput, naming it, if its stream is cut off)."""
+    for lineno, line in iter_lines(str(path)):
+        if line.strip():
+            try:
                 yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{path}:{lineno}: not JSON ({e})") from None
 
 
 def iter_curated(directory: str | os.PathLike, sources: list[str] | None = None) -> Iterator[dict]:

@@ -114,8 +114,9 @@ class TrainConfig(BaseModel):
 
 
 def train_bpe(texts: Iterable[str], config: TrainConfig | None = None,
-              policy: TokenizerPolicy | None = None) -> Tokenizer:
-    """Train a byte-level BPE (GPT-2 style: every byte representable, no unknown token)."""
+              policy: TokenizerPolicy | None = None, input_name: str = "the input") -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style: every byte representable, no unknown token). No documents at all is
+    an error naming `input_name` (a tokenizer of nothing but the byte alphabet would shard any text)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -130,11 +131,16 @@ def train_bpe(texts: Iterable[str], config: TrainConfig | None = None,
                                   special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
 
+    seen = [0]
+
     def limited() -> Iterator[str]:
         for i, t in enumerate(texts):
             if config.max_documents is not None and i >= config.max_documents:
                 return
+            seen[0] += 1
             yield t
 
     hf.train_from_iterator(limited(), trainer=trainer)
+    if not seen[0]:
+        raise TokenizerError(f"empty input: no documents to train the tokenizer on in {input_name}")
     return Tokenizer(hf, policy, source="trained")

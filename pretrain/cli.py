@@ -28,6 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Errors that mean "the input or the command line is wrong" and name what is wrong: printed as one line with
+#: exit code 2, not as a traceback. Looked up in sys.modules: a module never imported raised none of them.
+_USER_ERRORS = (("pretrain.export_hf", "ExportError"), ("data_pipeline.curate", "CurationError"),
+                ("data_pipeline.sources", "SourceError"), ("data_pipeline.shards", "CuratedInputError"),
+                ("data_pipeline.manifest", "ShardError"), ("data_pipeline.tokenizer", "TokenizerError"),
+                ("data_pipeline.curriculum", "CurriculumError"), ("parallel.layout", "LayoutError"))
+
+
+def _is_user_error(e: BaseException) -> bool:
+    for module, name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -39,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except ConfigError as e:
+        print(f"foldtron {args.command}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"foldtron {args.command}: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

@@ -48,7 +48,7 @@ def _export(root: Path, name: str, files: dict) -> Path:
     return tmp
 
 
-def test_overwrite_pointed_at_a_run_directory_deletes_nothing(tmp_path):
+def test_overwrite_pointed_at_a_run_directory_deletes_nothing(tmp_path, capsys):
     run = _run_dir(tmp_path)
     before = _snapshot(run)
     with pytest.raises(ExportError, match=rf"{run}.*not a Foldtron export.*even with --overwrite"):
@@ -57,8 +57,8 @@ def test_overwrite_pointed_at_a_run_directory_deletes_nothing(tmp_path):
     # the same through the command line
     from pretrain.cli import main
 
-    with pytest.raises(ExportError, match="not a Foldtron export"):
-        main(["export-hf", "--checkpoint", str(run / "long_context"), "--output", str(run), "--overwrite"])
+    assert main(["export-hf", "--checkpoint", str(run / "long_context"), "--output", str(run), "--overwrite"]) == 2
+    assert f"foldtron export-hf: output {run} exists and is not a Foldtron export" in capsys.readouterr().err
     assert _snapshot(run) == before
 
 
@@ -73,13 +73,13 @@ def test_output_naming_a_file_fails_before_exporting(tmp_path):
     assert f.read_bytes() == b"x"
 
 
-def test_nvfp4_output_checked_before_the_first_export(tmp_path):
+def test_nvfp4_output_checked_before_the_first_export(tmp_path, capsys):
     from pretrain.cli import main
 
     run = _run_dir(tmp_path)
-    with pytest.raises(ExportError, match="not a Foldtron export"):
-        main(["export-hf", "--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "hf"),
-              "--nvfp4", str(run), "--overwrite"])
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "hf"),
+                 "--nvfp4", str(run), "--overwrite"]) == 2
+    assert f"output {run} exists and is not a Foldtron export" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 
 

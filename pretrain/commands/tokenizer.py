@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
     files = [f for fs in list_curated(args.input).values() for f in fs]
     texts = (t for f in files for _, t in iter_documents(f))
     cfg = TrainConfig(vocab_size=args.vocab_size, min_frequency=args.min_frequency, max_documents=args.max_documents)
-    tok = train_bpe(texts, cfg, _policy(args))
+    tok = train_bpe(texts, cfg, _policy(args), input_name=f"{args.input} ({len(files)} curated files)")
     tok.save(args.output)
     d = tok.describe()
     print(f"wrote {args.output}: vocab {d['vocab_size']}, eos id {d['eos_id']}, bos id {d['bos_id']}, "
