@@ -73,9 +73,39 @@ def load_manifest(source_dir: str | Path) -> SourceManifest:
     if not path.is_file():
         raise ShardError(f"no manifest at {path}: run `foldtron shards` for this source first")
     try:
-        return SourceManifest.model_validate_json(path.read_text())
+        m = SourceManifest.model_validate_json(path.read_text())
     except Exception as e:
         raise ShardError(f"manifest {path} is unreadable: {e}") from e
+    check_manifest(path, m)
+    return m
+
+
+def check_manifest(path: Path, m: SourceManifest) -> None:
+    """The manifest agrees with itself and with its folder: totals equal the sum over its shards, no shard is
+    listed twice, every shard on disk is listed (one that is not would be silently left out of training), and
+    no listed shard lies outside the source folder."""
+    for field in ("documents", "tokens"):
+        per_shard = sum(getattr(e, field) for e in m.shards)
+        if per_shard != getattr(m, field):
+            raise ShardError(f"manifest {path}: total {field} {getattr(m, field)} disagrees with the sum over its "
+                             f"{len(m.shards)} shards ({per_shard}); the manifest was edited or is corrupt: rerun "
+                             "`foldtron shards` to rebuild it")
+    listed = [Path(e.path).as_posix() for e in m.shards]
+    twice = sorted({p for p in listed if listed.count(p) > 1})
+    if twice:
+        raise ShardError(f"manifest {path} lists shard(s) {twice[:3]} more than once")
+    root = path.parent
+    outside = [p for p in listed if p.startswith("/") or ".." in Path(p).parts]
+    if outside:
+        raise ShardError(f"manifest {path} lists shard(s) outside {root}: {outside[:3]}")
+    on_disk = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.tar")
+                     if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    unlisted = sorted(set(on_disk) - set(listed))
+    if unlisted:
+        size = sum((root / p).stat().st_size for p in unlisted)
+        raise ShardError(f"{len(unlisted)} shard(s) in {root} are not in its manifest {path} ({', '.join(unlisted[:3])}"
+                         f"{', ...' if len(unlisted) > 3 else ''}; {size} bytes): they would be left out of "
+                         "training without a word. Rerun `foldtron shards` to rebuild the manifest, or move them away")
 
 
 def load_manifests(shards_dir: str | Path) -> dict[str, SourceManifest]:

@@ -227,10 +227,37 @@ def _write_job(job: _Job, tok, tok_sha: str, src_dir: Path, tmp: Path) -> dict:
         os.replace(path, src_dir / s["path"])
     rec = {"input": _input_fingerprint(job.input), "tokenizer_sha256": tok_sha, "shards": shards,
            "tokenizer": tok.describe()}
+    old = _previous_shards(job)
     (src_dir / PARTS_DIR).mkdir(exist_ok=True)
     write_json_atomic(_part_path(job), rec)
+    for stale in sorted(old - {s["path"] for s in shards}):  # the previous run of this input wrote more shards
+        (src_dir / stale).unlink(missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     return {**rec, "skipped": False}
+
+
+def _remove_orphan_parts(src_dir: Path, stems: set[str]) -> None:
+    """A curated input that is gone (deleted, or renamed) leaves its part record and shards from an earlier run:
+    remove exactly those (the record lists them), so the manifest and the folder agree."""
+    for part in sorted((src_dir / PARTS_DIR).glob("*.json")):
+        if part.stem in stems:
+            continue
+        try:
+            names = [s["path"] for s in json.loads(part.read_text()).get("shards", [])]
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            continue  # not a record this code wrote: leave it
+        for name in names:
+            if "/" not in name and name.endswith(".tar"):
+                (src_dir / name).unlink(missing_ok=True)
+        part.unlink()
+
+
+def _previous_shards(job: _Job) -> set[str]:
+    """Shard names the last run of this input recorded (its part record): what a rewrite may replace or remove."""
+    try:
+        return {s["path"] for s in json.loads(_part_path(job).read_text()).get("shards", [])}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return set()
 
 
 def _init_worker(threads: int) -> None:
@@ -286,6 +313,7 @@ def write_shards(curated_dir: str | Path, out_dir: str | Path, tokenizer: str | 
         raise
     manifests = {}
     for source in curated:
+        _remove_orphan_parts(out / source, {j.stem for j in jobs if j.source == source})
         recs = [r for j, r in zip(jobs, results) if j.source == source]
         entries = [ShardEntry(**s) for r in recs for s in r["shards"]]
         m = SourceManifest(source=source, tokenizer=recs[0]["tokenizer"], shards=entries,

@@ -187,3 +187,76 @@ def test_empty_input_to_shards_and_tokenizer_is_an_error(tmp_path, tokenizer, ca
                  "--output", str(tmp_path / "tok.json")]) == 2
     assert f"empty input: no documents to train the tokenizer on in {tmp_path / 'curated'}" in capsys.readouterr().err
     assert not (tmp_path / "tok.json").exists()
+
+
+@pytest.fixture
+def sharded(tmp_path, docs, tokenizer) -> Path:
+    from data_pipeline.shards import write_shards
+
+    cur = tmp_path / "curated" / "web"
+    cur.mkdir(parents=True)
+    (cur / "a.jsonl").write_bytes(_lines(docs[:20]))
+    (cur / "b.jsonl").write_bytes(_lines(docs[20:]))
+    write_shards(tmp_path / "curated", tmp_path / "shards", tokenizer, shard_bytes=8 << 10)
+    return tmp_path / "shards"
+
+
+def test_shard_on_disk_but_not_in_the_manifest_is_an_error(sharded):
+    from data_pipeline.manifest import ShardError, load_manifests
+
+    m = load_manifests(sharded)["web"]
+    assert len(m.shards) > 2
+    stray = sharded / "web" / "extra-000000.tar"
+    stray.write_bytes((sharded / "web" / m.shards[0].path).read_bytes())
+    with pytest.raises(ShardError, match=rf"1 shard\(s\) in {sharded / 'web'} are not in its manifest .*"
+                                         r"extra-000000\.tar"):
+        load_manifests(sharded)
+    from data_pipeline.loader import BlendedLoader
+
+    cur = sharded.parent / "cur.yaml"
+    cur.write_text(yaml.safe_dump({"phases": [{"name": "p", "tokens": 64, "seq_length": 16, "global_batch_size": 2,
+                                               "blend": {"web": 1.0}}]}))
+    with pytest.raises(ShardError, match="extra-000000"):
+        BlendedLoader(sharded, cur, phase="p", seq_length=16, micro_batch_size=1, global_batch_size=2,
+                      dp_rank=0, dp_size=1, seed=0, num_workers=0)
+
+
+def test_manifest_totals_must_match_its_shards(sharded):
+    from data_pipeline.manifest import ShardError, load_manifests
+
+    path = sharded / "web" / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["tokens"] += 45000
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ShardError, match=rf"manifest {path}: total tokens {raw['tokens']} disagrees"):
+        load_manifests(sharded)
+    raw["tokens"] -= 45000
+    raw["documents"] -= 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ShardError, match="total documents"):
+        load_manifests(sharded)
+
+
+def test_resharding_removes_only_the_stale_shards_it_wrote(sharded, tokenizer):
+    """Re-sharding a curated file that shrank (or after one is gone) leaves no stale shards behind that the
+    manifest check would then refuse; a file the user put there is left alone (and named)."""
+    from data_pipeline.manifest import ShardError, load_manifests
+    from data_pipeline.shards import write_shards
+
+    before = [s.path for s in load_manifests(sharded)["web"].shards]
+    assert sum(p.startswith("a-") for p in before) > 1
+    cur = sharded.parent / "curated"
+    (cur / "web" / "a.jsonl").write_bytes(_lines(stdlib_docstring_docs(1)))
+    write_shards(cur, sharded, tokenizer, shard_bytes=8 << 10)
+    after = [s.path for s in load_manifests(sharded)["web"].shards]
+    assert [p for p in after if p.startswith("a-")] == ["a-000000.tar"]
+    assert sorted(p.name for p in (sharded / "web").glob("*.tar")) == sorted(after)
+    (cur / "web" / "b.jsonl").unlink()
+    write_shards(cur, sharded, tokenizer, shard_bytes=1 << 30)
+    assert [s.path for s in load_manifests(sharded)["web"].shards] == ["a-000000.tar"]
+    assert sorted(p.name for p in (sharded / "web").glob("*.tar")) == ["a-000000.tar"]
+    (sharded / "web" / "mine.tar").write_bytes(b"x")
+    write_shards(cur, sharded, tokenizer, shard_bytes=1 << 30)
+    assert (sharded / "web" / "mine.tar").read_bytes() == b"x"
+    with pytest.raises(ShardError, match="mine.tar"):
+        load_manifests(sharded)
