@@ -67,20 +67,238 @@ class CheckpointInfo:
 
 
 def latest(run_dir: Optional[str | Path], stage: str) -> Optional[CheckpointInfo]:
-    """The newest complete checkpoint of `stage` in `run_dir`, per its `latest` pointer (None if none)."""
+    """The checkpoint of `stage` in `run_dir` to resume from: the one its `latest` pointer names, or None if the
+    stage saved none. A pointer to a missing or incomplete checkpoint (deleted, truncated file, unreadable
+    foldtron.json), or a stage holding checkpoints without a pointer, falls back to the newest complete one with
+    a loud warning; with none left it is a CheckpointError saying so, never a silent restart at iteration 0."""
     if run_dir is None:
         return None
     sdir = Path(run_dir) / stage
     ptr = sdir / "latest"
-    if not ptr.is_file():
+    if ptr.is_file():
+        name = ptr.read_text().strip()
+        problem = incomplete(sdir / name) if _ITER.match(name) else "is not a checkpoint name (iter_NNNNNNN)"
+        if problem is None:
+            return _info(sdir / name, stage)
+        what = f"checkpoint pointer {ptr} names {name!r}, which {problem}"
+    elif sdir.is_dir():
+        what = f"stage directory {sdir} has no `latest` pointer"
+    else:
         return None
-    name = ptr.read_text().strip()
-    path = sdir / name
-    if not _ITER.match(name) or not (path / META).is_file():
-        raise RuntimeError(f"checkpoint pointer {ptr} names {name!r}, which is not a complete checkpoint "
-                           f"(missing {path / META}); remove the pointer to restart the stage")
-    meta = json.loads((path / META).read_text())
+    done = complete_checkpoints(sdir)
+    if not done:
+        if not ptr.is_file():
+            return None  # only interrupted writes (*.tmp): the stage never finished a save
+        raise CheckpointError(f"{what}, and {sdir} holds no other complete checkpoint; to restart the stage from "
+                              f"iteration 0, remove {ptr}")
+    _loud(f"WARNING: {what}; resuming from the newest complete checkpoint instead: {done[-1]}")
+    return _info(done[-1], stage)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Integrity and locking: per-file checksums written at save and verified at load, readable errors naming the
+# file, the newest complete checkpoint as the fallback, one writer per checkpoint directory.
+
+#: In the run directory (`checkpoint.save`): flock'd by the run that writes there, holding its host and pid.
+LOCK_NAME = ".foldtron.lock"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt or unreadable; the message names the file."""
+
+
+class RunLockError(RuntimeError):
+    """The checkpoint directory is held by another run; the message names its host and pid."""
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _loud(msg: str) -> None:
+    log.warning(msg)
+    if _is_rank0():
+        import sys
+
+        print(msg, file=sys.stderr, flush=True)
+
+
+def read_meta(path: Path) -> dict:
+    """The foldtron.json of checkpoint `path`, or a CheckpointError naming the file."""
+    f = Path(path) / META
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint metadata {f} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("iteration"), int):
+        raise CheckpointError(f"checkpoint metadata {f} has no integer `iteration`: not a Foldtron checkpoint file")
+    return meta
+
+
+def _info(path: Path, stage: str) -> CheckpointInfo:
+    meta = read_meta(path)
     return CheckpointInfo(path, stage, int(meta["iteration"]), meta)
+
+
+def incomplete(path: Path) -> Optional[str]:
+    """Why checkpoint `path` cannot be resumed from (cheap: existence, foldtron.json, recorded file sizes), or
+    None. Checksums are verified at load (`verify_files`)."""
+    if not path.is_dir():
+        return "does not exist"
+    try:
+        meta = read_meta(path)
+    except CheckpointError as e:
+        return f"is incomplete: {e}"
+    for name, rec in sorted(meta.get("files", {}).items()):
+        f = path / name
+        if not f.is_file():
+            return f"is incomplete: {f} is missing"
+        if f.stat().st_size != rec["bytes"]:
+            return f"is incomplete: {f} has {f.stat().st_size} bytes, {META} records {rec['bytes']} (truncated?)"
+    return None
+
+
+def complete_checkpoints(sdir: Path) -> list[Path]:
+    """The stage's checkpoints that pass `incomplete`, oldest first."""
+    found = sorted((int(m.group(1)), p) for p in sdir.iterdir() if (m := _ITER.match(p.name)) and p.is_dir())
+    return [p for _, p in found if incomplete(p) is None]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_of(path: Path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != META)
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """Files this rank hashes: every world-th one, so a checkpoint is hashed once, by all ranks in parallel."""
+    if not dist.is_initialized():
+        return names
+    return names[dist.get_rank()::dist.get_world_size()]
+
+
+def _gather(local: Any) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [local]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
+
+
+def file_checksums(path: Path) -> dict:
+    """{file: {"bytes", "sha256"}} of every file of the written checkpoint `path` (all ranks call it; each hashes
+    its share); recorded in foldtron.json by `save`."""
+    names = _files_of(Path(path))
+    local = {n: {"bytes": (Path(path) / n).stat().st_size, "sha256": _sha256(Path(path) / n)} for n in _my_share(names)}
+    merged: dict = {}
+    for part in _gather(local):
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+def verify_files(path: Path, meta: dict) -> None:
+    """Every file recorded in `meta["files"]` is present with its size and sha256 (all ranks call it; each
+    hashes its share); otherwise a CheckpointError on every rank naming the files and the older complete
+    checkpoints to go back to. A checkpoint saved before checksums were recorded is loaded with a warning."""
+    path = Path(path)
+    files = meta.get("files")
+    if files is None:
+        _loud(f"WARNING: checkpoint {path} records no file checksums (saved by an older Foldtron): not verified")
+        return
+    problems = []
+    for name in _my_share(sorted(files)):
+        f, rec = path / name, files[name]
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != rec["bytes"]:
+            problems.append(f"{f} has {f.stat().st_size} bytes, {META} records {rec['bytes']} (truncated?)")
+        elif _sha256(f) != rec["sha256"]:
+            problems.append(f"{f} does not match its sha256 in {META}: the file changed or is corrupt")
+    problems = sorted(p for part in _gather(problems) for p in part)
+    if problems:
+        older = [p.name for p in complete_checkpoints(path.parent) if p != path] if path.parent.is_dir() else []
+        hint = (f"; the stage's other complete checkpoints: {', '.join(older)} (point {path.parent / 'latest'} at "
+                "one of them to resume from it)") if older else ""
+        raise CheckpointError(f"checkpoint {path} is corrupt: " + "; ".join(problems[:5])
+                              + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "") + hint)
+
+
+class RunLock:
+    """An exclusive flock on `<save>/.foldtron.lock`, held by rank 0 for the whole run (released by the kernel if
+    the process dies, so a killed run never leaves a stale lock)."""
+
+    def __init__(self, path: Path, fd: Optional[int]):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _take_lock(save_dir: Path) -> RunLock:
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    path = save_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        os.close(fd)
+        raise RunLockError(
+            f"checkpoint directory {save_dir} is in use by another run: pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')} (since {holder.get('started', '?')}: {holder.get('command', '?')}). Two runs "
+            f"writing one checkpoint directory corrupt each other's checkpoints; wait for it or stop it, or set "
+            f"another checkpoint.save (lock file {path})") from None
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    return RunLock(path, fd)
+
+
+def acquire_run_lock(save_dir: Optional[str | Path]) -> Optional[RunLock]:
+    """Lock the run's checkpoint directory for this run (None without checkpoint.save). Rank 0 takes the lock;
+    every rank raises the same RunLockError, naming the holder's host and pid, when another run holds it."""
+    if save_dir is None:
+        return None
+    lock, err = None, None
+    if _is_rank0():
+        try:
+            lock = _take_lock(Path(save_dir))
+        except (RunLockError, OSError) as e:
+            err = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise RunLockError(err)
+    return lock
+
+
+def release_run_lock(lock: Optional[RunLock]) -> None:
+    if lock is not None:
+        lock.release()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,10 +464,12 @@ def save(run_dir: str | Path, stage: str, iteration: int, model: Sequence, optim
     sd["common"] = dict(common, iteration=iteration, stage=stage, **_layout_key(layout, world))
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
+    files = file_checksums(tmp)  # every rank hashes its share of the written files
     if rank == 0:
         meta = {"stage": stage, "iteration": iteration, "world_size": world,
                 "layout": layout.model_dump(mode="json"),
-                **{k: common[k] for k in ("consumed_samples", "consumed_tokens") if k in common}, **_run_meta}
+                **{k: common[k] for k in ("consumed_samples", "consumed_tokens") if k in common}, **_run_meta,
+                "files": files}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         os.replace(tmp, final)
         ptr_tmp = sdir / "latest.tmp-ptr"
@@ -332,10 +552,14 @@ def load(info: CheckpointInfo, model: Sequence, optimizer: Any, *, layout: Any, 
     from megatron.core import dist_checkpointing
 
     world = dist.get_world_size()
+    verify_files(info.path, info.meta)  # sizes and sha256 of every file, before any byte is loaded
     _ensure_optimizer_state(optimizer)
     same_layout = info.meta.get("world_size") == world and info.meta.get("layout") == layout.model_dump(mode="json")
     sd = _sharded(model, optimizer, loading=True, with_rng=full and same_layout, with_optimizer=True)
-    state = dist_checkpointing.load(sd, str(info.path))
+    try:
+        state = dist_checkpointing.load(sd, str(info.path))
+    except Exception as e:  # torch's reader says EOFError / "unpickling" without the path
+        raise CheckpointError(f"reading checkpoint {info.path} failed ({type(e).__name__}: {e})") from e
     for i, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict({_strip(k): v for k, v in state[_model_key(model, i)].items()})
     # Param groups carry their own max_lr/min_lr (Megatron's scheduler prefers them to its own); a new stage

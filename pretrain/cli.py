@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_ERRORS = (("pretrain.export_hf", "ExportError"), ("data_pipeline.curate", "CurationError"),
                 ("data_pipeline.sources", "SourceError"), ("data_pipeline.shards", "CuratedInputError"),
                 ("data_pipeline.manifest", "ShardError"), ("data_pipeline.tokenizer", "TokenizerError"),
-                ("data_pipeline.curriculum", "CurriculumError"), ("parallel.layout", "LayoutError"))
+                ("data_pipeline.curriculum", "CurriculumError"), ("parallel.layout", "LayoutError"),
+                ("pretrain.checkpoint", "CheckpointError"), ("pretrain.checkpoint", "RunLockError"))
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -61,12 +61,13 @@ def resolve_checkpoint(path: Union[str, Path]) -> Tuple[Path, dict]:
     if not p.is_dir():
         raise ExportError(f"checkpoint {p} does not exist or is not a directory")
 
+    from pretrain import checkpoint as ckpt
+
     def meta_of(d: Path) -> dict:
-        return json.loads((d / META).read_text()) if (d / META).is_file() else {}
+        return ckpt.read_meta(d) if (d / META).is_file() else {}
 
     if (p / ".metadata").is_file():
         return p, meta_of(p)
-    from pretrain import checkpoint as ckpt
 
     if (p / "latest").is_file():
         info = ckpt.latest(p.parent, p.name)
@@ -468,6 +469,9 @@ def export_hf(checkpoint_dir: Union[str, Path], output_dir: Union[str, Path], dt
     out_dtype = DTYPES[dtype]
     output = check_output(output_dir, overwrite)  # before any work: a wrong --output fails at once
     ckpt, meta = resolve_checkpoint(checkpoint_dir)
+    from pretrain.checkpoint import verify_files
+
+    verify_files(ckpt, meta)  # a flipped bit or truncated file is named before anything is read
     cfg, tok_path = resolve_config(config, meta)
     tok_path = tokenizer or tok_path
     reader = CheckpointReader(ckpt, cfg)
