@@ -469,6 +469,7 @@ def run_training(cfg: RunConfig, *, model_provider: Optional[ModelProvider] = No
     mcore_compat.apply()
     stages = resolve(cfg)  # config errors before any process group starts
     init_distributed()
+    lock = ckpt.acquire_run_lock(cfg.checkpoint.save)  # one run per checkpoint directory (names the holder)
     stop = StopRequests(cfg.train.exit_duration_in_mins).install()
     summary: dict[str, Any] = {"stages": [], "run_dir": cfg.checkpoint.save,
                                "tensorboard_dir": cfg.logging.tensorboard_dir, "world_size": dist.get_world_size()}
@@ -489,6 +490,7 @@ def run_training(cfg: RunConfig, *, model_provider: Optional[ModelProvider] = No
                 break
     finally:
         stop.uninstall()
+        ckpt.release_run_lock(lock)
     summary["exit"] = exit_reason or "completed"
     summary["exit_code"] = cfg.checkpoint.requeue_exit_code if exit_reason else 0
     summary["consumed_tokens"] = run_state.get("consumed_tokens", 0)
