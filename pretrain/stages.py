@@ -35,6 +35,31 @@ def resolve(cfg: RunConfig, *, check_inputs: bool = True) -> list[Stage]:
     the files the run will read are checked first (`check_run_inputs`): nothing starts on a wrong path."""
     if check_inputs:
         check_run_inputs(cfg)
+    stages = _stages(cfg)
+    for st in stages:
+        _check_schedule(cfg, st)
+    return stages
+
+
+def _check_schedule(cfg: RunConfig, st: "Stage") -> None:
+    """Each stage's schedule as Megatron's scheduler will take it, now rather than after the earlier stages
+    trained: iterations to run, a warmup that fits, a WSD window that fits."""
+    from pretrain.schedules import scheduler_kwargs
+
+    where = "train" if not cfg.stages else f"stages.{st.index} ({st.name})"
+    t = st.train
+    if t.train_iters < 1:
+        raise ConfigError(f"{where}: train_iters is {t.train_iters}: nothing would be trained")
+    if t.lr_warmup_iters > t.train_iters:
+        raise ConfigError(f"{where}: lr_warmup_iters ({t.lr_warmup_iters}) is longer than the stage "
+                          f"(train_iters {t.train_iters}): the LR would never reach train.lr")
+    try:
+        scheduler_kwargs(t)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _stages(cfg: RunConfig) -> list[Stage]:
     if not cfg.stages:
         return [Stage(0, "main", None, cfg.train, cfg.parallel, cfg.precision)]
     out = []
@@ -51,7 +76,7 @@ def resolve(cfg: RunConfig, *, check_inputs: bool = True) -> list[Stage]:
         try:
             train = TrainConfig(**fields)
         except Exception as e:  # name the stage: the run's train section was valid on its own
-            raise ValueError(f"stages.{i} ({s.name}): {e}") from None
+            raise ConfigError(f"stages.{i} ({s.name}): {e}") from None
         out.append(Stage(i, s.name, s.phase, train, s.parallel or cfg.parallel, s.precision or cfg.precision))
     return out
 

@@ -77,3 +77,22 @@ def test_real_data_needs_an_existing_tokenizer_and_paths(tmp_path):
     stages = resolve(load_config(TINY, base + [f"data.tokenizer={tmp_path / 'tok.json'}"]))
     assert len(stages) == 3
     resolve(load_config(TINY))  # mock data needs none of it
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.lr=inf"], r"train\.lr: Input should be a finite number"),
+    (["train.lr=nan"], r"train\.lr: Input should be a finite number"),
+    (["stages.1.lr=.inf"], r"stages\.1\.lr: Input should be a finite number"),
+    (["stages=[]", "train.train_iters=0"], r"train: train_iters is 0: nothing would be trained"),
+    (["stages=[]", "train.train_iters=5", "train.lr_warmup_iters=8"],
+     r"train: lr_warmup_iters \(8\) is longer than the stage \(train_iters 5\)"),
+    (["stages.2.lr_warmup_iters=3"], r"stages\.2 \(long-context\): lr_warmup_iters \(3\) is longer than the stage"),
+    (["stages.0.lr_warmup_iters=6", "stages.0.lr_decay_style=cosine"],
+     r"stages\.0 \(phase1\): train\.lr_warmup_iters \(6\) must be < train\.lr_decay_iters"),
+    (["stages.1.lr_wsd_decay_iters=9"], r"stages\.1 \(phase2\): train\.lr_wsd_decay_iters \(9\) must be set and fit"),
+])
+def test_wrong_schedules_are_config_errors_before_any_stage(overrides, expected):
+    """Accepted before (lr=inf diverged at step 1, train_iters=0 exited 0 having trained nothing, a warmup longer
+    than its stage never reached the LR) or failing late in Megatron's scheduler assert after earlier stages."""
+    with pytest.raises(ConfigError, match=expected):
+        resolve(load_config(TINY, overrides))
