@@ -236,7 +236,8 @@ def import_hf(hf_dir: Union[str, Path], output_dir: Union[str, Path], layout: An
             shutil.copyfile(hf.dir / "tokenizer.json", tok)
         meta = {"stage": stage, "iteration": 0, "weights_only": True, "world_size": 1,
                 "layout": lay.model_dump(mode="json"), "model": cfg.model_dump(mode="json"),
-                "source": str(hf.dir.resolve()), "tokenizer": str(tok.resolve()) if tok else None}
+                "source": str(hf.dir.resolve()), "tokenizer": str(tok.resolve()) if tok else None,
+                "files": ckpt.file_checksums(tmp)}  # verified at load, like a training checkpoint's
         (tmp / ckpt.META).write_text(json.dumps(meta, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)

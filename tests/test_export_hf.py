@@ -320,6 +320,30 @@ def test_overwrite_replaces_only_a_previous_export(saved, tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.slow
+@pytest.mark.reliability
+def test_import_records_checksums_and_overwrites_only_an_import(saved, tmp_path):
+    """Issue 20: an imported checkpoint carries per-file sha256 like a trained one (a flipped bit is named by the
+    next export); --overwrite replaces a previous import."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.export_hf import export_hf
+    from pretrain.import_hf import import_hf
+
+    export_hf(saved["1rank"], tmp_path / "a", "fp32")
+    imp = import_hf(tmp_path / "a", tmp_path / "run")
+    it = Path(imp["checkpoint"])
+    assert set(json.loads((it / "foldtron.json").read_text())["files"]) >= {".metadata"}
+    f = max(it.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"{f} does not match its sha256"):
+        export_hf(tmp_path / "run", tmp_path / "b", "fp32")
+    import_hf(tmp_path / "a", tmp_path / "run", overwrite=True)
+    export_hf(tmp_path / "run", tmp_path / "b", "fp32")
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
 def test_cli_run_dir_tokenizer_and_verify(saved, tmp_path, capsys):
     """`foldtron export-hf` on a run directory (stage/latest -> iter dir), tokenizer from the run config's
     data.tokenizer: AutoTokenizer loads the export and encodes like `tokenizers`; --verify passes."""
