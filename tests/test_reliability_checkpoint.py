@@ -184,3 +184,51 @@ def test_second_run_on_one_checkpoint_directory_is_refused(tmp_path):
         if p.poll() is None:
             p.kill()
         time.sleep(0)
+
+
+def _two_rank_save_and_verify(root: str) -> dict:
+    """On each of 2 ranks: save a row-sharded tensor, hash (each rank its share), verify, then verify again
+    after rank 0 flipped a byte in one file: every rank must raise, with the same message (else a hang)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from model import adapt
+
+    adapt.apply()
+    rank = dist.get_rank()
+    d = Path(root) / "iter_0000002"
+    if rank == 0:
+        d.mkdir(parents=True)
+    dist.barrier()
+    local = torch.full((256, 16), float(rank))
+    sd = {"w": ShardedTensor.from_rank_offsets("w", local, (0, rank, 2), replica_id=0)}
+    dist_checkpointing.save(sd, str(d))
+    dist.barrier()
+    files = ckpt.file_checksums(d)
+    ckpt.verify_files(d, {"files": files})
+    dist.barrier()
+    if rank == 0:
+        f = max(d.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 1
+        f.write_bytes(bytes(raw))
+    dist.barrier()
+    try:
+        ckpt.verify_files(d, {"files": files})
+        err = None
+    except ckpt.CheckpointError as e:
+        err = str(e)
+    return {"files": files, "error": err}
+
+
+@pytest.mark.multiproc
+def test_checksums_on_two_ranks(tmp_path):
+    from tests.distributed import run_on_ranks
+
+    r0, r1 = run_on_ranks(_two_rank_save_and_verify, 2, str(tmp_path))
+    d = tmp_path / "iter_0000002"
+    flipped = max(d.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    assert r0["files"] == r1["files"] and sum(n.endswith(".distcp") for n in r0["files"]) == 2
+    assert all(r0["files"][n]["sha256"] == ckpt._sha256(d / n) for n in r0["files"] if n != flipped.name)
+    assert r0["error"] == r1["error"] and f"{flipped} does not match its sha256" in r0["error"]
