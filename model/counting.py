@@ -166,9 +166,9 @@ class _MetaFactories(TorchFunctionMode):
 
 @contextlib.contextmanager
 def meta_device():
-    from .build import _ModelClass
+    from .build import preload
 
-    _ModelClass.get()  # import Megatron-Core outside the meta context (see _ModelClass)
+    preload()  # import Megatron-Core outside the meta context (see preload)
     with _MetaFactories(), torch.device("meta"):
         yield
 

@@ -22,8 +22,25 @@ import torch
 
 from .config import ModelConfig
 
-_MAMBA_KEYS = {f"mixer.{k}" for k in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias",
-                                      "norm.weight", "out_proj.weight")}
+#: The one name table, per layer kind: Foldtron/Megatron suffix (after `layers.N.`) -> HF NemotronH suffix. Export
+#: reads it left to right, import right to left (`_HF_TO_MEGATRON`). What is not a 1:1 rename is in code next to
+#: it: the pre-norm of every kind (`norm.weight`), attention's fused QKV (split / fused), experts by index.
+#: Megatron-Core 0.19's MambaMixer holds the conv as parameters `conv1d_weight`/`conv1d_bias` (its checkpoint keys
+#: stay `conv1d.weight`/`conv1d.bias`, ssm/mamba_mixer.py:1370), HF as a Conv1d module.
+LAYER_NAMES: Dict[str, Dict[str, str]] = {
+    "M": {"mixer.in_proj.weight": "mixer.in_proj.weight", "mixer.conv1d_weight": "mixer.conv1d.weight",
+          "mixer.conv1d_bias": "mixer.conv1d.bias", "mixer.A_log": "mixer.A_log", "mixer.D": "mixer.D",
+          "mixer.dt_bias": "mixer.dt_bias", "mixer.norm.weight": "mixer.norm.weight",
+          "mixer.out_proj.weight": "mixer.out_proj.weight"},
+    "*": {"self_attention.linear_proj.weight": "mixer.o_proj.weight"},
+    "-": {"mlp.linear_fc1.weight": "mixer.up_proj.weight", "mlp.linear_fc2.weight": "mixer.down_proj.weight"},
+    "E": {"mlp.router.weight": "mixer.gate.weight", "mlp.router.expert_bias": "mixer.gate.e_score_correction_bias",
+          "mlp.shared_experts.linear_fc1.weight": "mixer.shared_experts.up_proj.weight",
+          "mlp.shared_experts.linear_fc2.weight": "mixer.shared_experts.down_proj.weight",
+          "mlp.fc1_latent_proj.weight": "mixer.fc1_latent_proj.weight",
+          "mlp.fc2_latent_proj.weight": "mixer.fc2_latent_proj.weight"},
+}
+_HF_TO_MEGATRON = {sym: {hf: mg for mg, hf in names.items()} for sym, names in LAYER_NAMES.items()}
 
 
 def hf_config_dict(cfg: ModelConfig) -> Dict[str, Any]:
@@ -74,38 +91,19 @@ def _layer_keys(sub: str, t: torch.Tensor, cfg: ModelConfig, sym: str) -> Iterab
     if sub.endswith("layer_norm_weight") or sub == "pre_mlp_layernorm.weight":
         yield "norm.weight", t
         return
-    if sym == "M":
-        if sub not in _MAMBA_KEYS:
-            raise KeyError(sub)
-        yield sub, t
+    if sub in LAYER_NAMES.get(sym, {}):
+        yield LAYER_NAMES[sym][sub], t.float() if sub.endswith("expert_bias") else t
         return
-    if sym == "*":
-        if sub == "self_attention.linear_qkv.weight":
-            ng, dh = cfg.num_query_groups, cfg.kv_channels
-            qpg = cfg.num_attention_heads // ng
-            w = t.view(ng, (qpg + 2) * dh, -1)
-            q, k, v = torch.split(w, [qpg * dh, dh, dh], dim=1)
-            yield "mixer.q_proj.weight", q.reshape(-1, t.shape[-1])
-            yield "mixer.k_proj.weight", k.reshape(-1, t.shape[-1])
-            yield "mixer.v_proj.weight", v.reshape(-1, t.shape[-1])
-            return
-        if sub == "self_attention.linear_proj.weight":
-            yield "mixer.o_proj.weight", t
-            return
-        raise KeyError(sub)
-    if sym == "-":
-        names = {"mlp.linear_fc1.weight": "mixer.up_proj.weight", "mlp.linear_fc2.weight": "mixer.down_proj.weight"}
-        yield names[sub], t
+    if sym == "*" and sub == "self_attention.linear_qkv.weight":
+        ng, dh = cfg.num_query_groups, cfg.kv_channels
+        qpg = cfg.num_attention_heads // ng
+        w = t.view(ng, (qpg + 2) * dh, -1)
+        q, k, v = torch.split(w, [qpg * dh, dh, dh], dim=1)
+        yield "mixer.q_proj.weight", q.reshape(-1, t.shape[-1])
+        yield "mixer.k_proj.weight", k.reshape(-1, t.shape[-1])
+        yield "mixer.v_proj.weight", v.reshape(-1, t.shape[-1])
         return
     if sym == "E":
-        fixed = {"mlp.router.weight": "mixer.gate.weight", "mlp.router.expert_bias": "mixer.gate.e_score_correction_bias",
-                 "mlp.shared_experts.linear_fc1.weight": "mixer.shared_experts.up_proj.weight",
-                 "mlp.shared_experts.linear_fc2.weight": "mixer.shared_experts.down_proj.weight",
-                 "mlp.fc1_latent_proj.weight": "mixer.fc1_latent_proj.weight",
-                 "mlp.fc2_latent_proj.weight": "mixer.fc2_latent_proj.weight"}
-        if sub in fixed:
-            yield fixed[sub], t.float() if sub.endswith("expert_bias") else t
-            return
         m = (re.fullmatch(r"mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight", sub)
              or re.fullmatch(r"mlp\.experts\.linear_fc([12])\.weight(\d+)", sub))
         if m:
@@ -157,15 +155,6 @@ def megatron_to_hf(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dic
 #: The one pre-norm of a layer lives in a different Megatron module per layer kind.
 _NORM_OF = {"M": "mixer.in_proj.layer_norm_weight", "*": "self_attention.linear_qkv.layer_norm_weight",
             "-": "mlp.linear_fc1.layer_norm_weight", "E": "pre_mlp_layernorm.weight"}
-_FROM_HF = {
-    "*": {"mixer.o_proj.weight": "self_attention.linear_proj.weight"},
-    "-": {"mixer.up_proj.weight": "mlp.linear_fc1.weight", "mixer.down_proj.weight": "mlp.linear_fc2.weight"},
-    "E": {"mixer.gate.weight": "mlp.router.weight", "mixer.gate.e_score_correction_bias": "mlp.router.expert_bias",
-          "mixer.shared_experts.up_proj.weight": "mlp.shared_experts.linear_fc1.weight",
-          "mixer.shared_experts.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
-          "mixer.fc1_latent_proj.weight": "mlp.fc1_latent_proj.weight",
-          "mixer.fc2_latent_proj.weight": "mlp.fc2_latent_proj.weight"},
-}
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -180,10 +169,8 @@ def _layer_from_hf(sub: str, t: torch.Tensor, sym: str) -> str:
     """Megatron suffix (after `layers.N.`) of HF suffix `sub` in a layer of kind `sym` (q/k/v handled apart)."""
     if sub == "norm.weight":
         return _NORM_OF[sym]
-    if sym == "M" and sub in _MAMBA_KEYS:
-        return sub
-    if sub in _FROM_HF.get(sym, {}):
-        return _FROM_HF[sym][sub]
+    if sub in _HF_TO_MEGATRON.get(sym, {}):
+        return _HF_TO_MEGATRON[sym][sub]
     if sym == "E" and (m := re.fullmatch(r"mixer\.experts\.(\d+)\.(up|down)_proj\.weight", sub)):
         return f"mlp.experts.local_experts.{m.group(1)}.linear_fc{1 if m.group(2) == 'up' else 2}.weight"
     raise KeyError(sub)

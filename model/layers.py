@@ -1,6 +1,6 @@
 """CPU stand-ins for exactly the Megatron-Core pieces that need CUDA-only packages, with upstream's names/shapes.
 
-Megatron-Core 0.16.1 needs Transformer Engine for fused norm+linear layers and the LatentMoE projections, and
+Megatron-Core 0.19 needs Transformer Engine for fused norm+linear layers and the LatentMoE projections, and
 mamba-ssm (Triton) for the Mamba-2 mixer. Each class here subclasses or mirrors the upstream module so the
 state_dict is the same on both backends (a checkpoint moves between them):
 
@@ -14,19 +14,26 @@ Everything else (attention, MLP, MoE router/dispatcher/experts, MambaLayer/Mamba
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.ssm import mamba_mixer as _mm
 from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-from megatron.core.transformer.moe import moe_layer as _moe
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from kernels.conv1d import causal_conv1d
 from kernels.ssd import ssd_scan
+
+from .adapt.stand_ins import latent_moe_without_te, mamba_mixer_without_mamba_ssm
+
+
+def param_device(config) -> torch.device:
+    """Where Megatron-Core puts this config's parameters (tensor_parallel/layers.py: the CPU under
+    `use_cpu_initialization`, else the current CUDA device): Foldtron's own parameters go to the same place."""
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 class LayerNormColumnParallelLinear(ColumnParallelLinear):
@@ -37,7 +44,8 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
         if config.normalization != "RMSNorm":
             raise ValueError(f"LayerNormColumnParallelLinear implements RMSNorm only, config asks {config.normalization!r}")
         super().__init__(input_size, output_size, config=config, **kwargs)
-        self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, dtype=config.params_dtype))
+        self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, dtype=config.params_dtype,
+                                                          device=param_device(config)))
         # Under sequence parallelism every TP rank sees different tokens: the grad must be all-reduced over TP.
         self.layer_norm_weight.sequence_parallel = bool(config.sequence_parallel)
         self.eps = config.layernorm_epsilon
@@ -82,19 +90,6 @@ class GatedRMSNorm(torch.nn.Module):
         return (h.view(shape) * self.weight.float()).to(dtype)
 
 
-@contextlib.contextmanager
-def _mamba_ssm_stand_ins():
-    """MambaMixer.__init__ refuses to build without mamba-ssm (ssm/mamba_mixer.py:174) and takes its gated norm
-    from it (mamba_mixer.py:328, `ExtendedRMSNorm`, a MagicMock subclass without mamba-ssm). During our
-    constructor only, declare the kernels present and hand it the torch norm; forward never reaches them."""
-    saved = _mm.HAVE_MAMBA_SSM, _mm.ExtendedRMSNorm
-    _mm.HAVE_MAMBA_SSM, _mm.ExtendedRMSNorm = True, GatedRMSNorm
-    try:
-        yield
-    finally:
-        _mm.HAVE_MAMBA_SSM, _mm.ExtendedRMSNorm = saved
-
-
 class CPUMambaMixer(MambaMixer):
     """Megatron-Core's MambaMixer (same parameters, init, TP sharding, checkpoint layout) computing the SSM with
     the torch kernels in kernels/ instead of mamba-ssm's Triton ones. Same numerics as upstream's training path
@@ -102,7 +97,7 @@ class CPUMambaMixer(MambaMixer):
     (upstream's default dt_limit is (0, inf)), D skip per head, gate then grouped RMSNorm."""
 
     def __init__(self, *args, **kwargs):
-        with _mamba_ssm_stand_ins():
+        with mamba_mixer_without_mamba_ssm(GatedRMSNorm):
             super().__init__(*args, **kwargs)
 
     def _torch_ssm(self, zxBCdt: torch.Tensor) -> torch.Tensor:
@@ -119,14 +114,17 @@ class CPUMambaMixer(MambaMixer):
         D = cp.get_D()
         if self.D_has_hdim:
             D = D.view(h, p)
-        y = ssd_scan(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
-                     self.chunk_size, D=D)
+        y = self._scan(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n), D)
         y = y.reshape(b, l, d_inner).transpose(0, 1)
         y = cp.post_conv_ssm(y)
         z = cp.post_conv_ssm(z.transpose(0, 1))
         if self.rmsnorm:
             return self.norm(y, z)
         return y * F.silu(z)
+
+    def _scan(self, x, dt, A, B, C, D) -> torch.Tensor:
+        """The SSD scan over softplus'd dt: x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n] -> y [b,l,h,p]."""
+        return ssd_scan(x, dt, A, B, C, self.chunk_size, D=D)
 
     def _ssm_training(self, zxBCdt: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
         if packed_seq_params is not None:
@@ -139,6 +137,32 @@ class CPUMambaMixer(MambaMixer):
         return self._torch_ssm(zxBCdt)
 
 
+class LocalMambaMixer(CPUMambaMixer):
+    """The `local` GPU backend's mixer: mamba-ssm's Triton kernels without Transformer Engine.
+
+    With causal-conv1d installed this is upstream's MambaMixer training path unchanged
+    (`mamba_split_conv1d_scan_combined`, ssm/mamba_mixer.py:727). Without it that fused kernel calls
+    `causal_conv1d_fwd_function`, which is None ("NoneType is not callable"), so the convolution runs in torch
+    (kernels/conv1d.py, FP32 accumulation) and the scan in mamba-ssm's `mamba_chunk_scan_combined`
+    (mamba_ssm/ops/triton/ssd_combined.py, signature of mamba-ssm 2.2.x/2.3.x: x, dt, A, B, C, chunk_size, D=...).
+    Written against those sources; it runs only on a CUDA machine with mamba-ssm (tests marked `gpu`)."""
+
+    def __init__(self, *args, **kwargs):
+        MambaMixer.__init__(self, *args, **kwargs)
+
+    def _scan(self, x, dt, A, B, C, D) -> torch.Tensor:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        return mamba_chunk_scan_combined(x, dt.to(x.dtype), A, B, C, self.chunk_size, D=D)
+
+    def _ssm_training(self, zxBCdt: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
+        import importlib.util
+
+        if importlib.util.find_spec("causal_conv1d") is not None:
+            return MambaMixer._ssm_training(self, zxBCdt, packed_seq_params)
+        return super()._ssm_training(zxBCdt, packed_seq_params)
+
+
 class DuplicatedLinear(torch.nn.Module):
     """TELinear(parallel_mode="duplicated") in plain torch: a full, TP-replicated weight [out, in] and the
     (output, bias) return convention of Megatron linears."""
@@ -147,7 +171,8 @@ class DuplicatedLinear(torch.nn.Module):
         super().__init__()
         if bias:
             raise ValueError("biases are not supported on the latent projections (the Nemotron models have none)")
-        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype,
+                                                 device=param_device(config)))
         if config.perform_initialization:
             init_method(self.weight)
         # Replicated over TP; with sequence parallelism each TP rank sees other tokens, so grads are all-reduced.
@@ -157,28 +182,37 @@ class DuplicatedLinear(torch.nn.Module):
         return F.linear(x, self.weight), None
 
 
-@contextlib.contextmanager
-def _duplicated_linear_stand_in():
-    """MoELayer.__init__ asserts TE for the latent projections (transformer/moe/moe_layer.py:172) and builds
-    them as TELinear; without TE, build them as DuplicatedLinear with the same arguments and names."""
-    saved = _moe.HAVE_TE, getattr(_moe, "TELinear", None)
-    _moe.HAVE_TE, _moe.TELinear = True, DuplicatedLinear
-    try:
-        yield
-    finally:
-        _moe.HAVE_TE = saved[0]
-        if saved[1] is None:
-            del _moe.TELinear
-        else:
-            _moe.TELinear = saved[1]
-
-
 class LatentMoELayer(MoELayer):
     """Megatron-Core's MoELayer; on a machine without TE its LatentMoE projections are DuplicatedLinear."""
 
     def __init__(self, config, *args, **kwargs):
-        if config.moe_latent_size and not _moe.HAVE_TE:
-            with _duplicated_linear_stand_in():
+        if config.moe_latent_size:
+            with latent_moe_without_te(DuplicatedLinear):
                 super().__init__(config, *args, **kwargs)
         else:
             super().__init__(config, *args, **kwargs)
+
+
+class TorchNorm(torch.nn.Module):
+    """RMSNorm/LayerNorm in plain torch that, unlike megatron's WrappedTorchNorm (transformer/torch_norm.py:32),
+    allows sequence parallelism: it marks its parameters `sequence_parallel` so finalize_model_grads all-reduces
+    their gradients over TP, as TE's and apex's norms do. Parameter names: `weight` (and `bias` for LayerNorm)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str | None = None) -> None:
+        super().__init__()
+        kind = normalization or config.normalization
+        if kind not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"TorchNorm supports RMSNorm and LayerNorm, not {kind!r}")
+        self.kind, self.eps = kind, eps
+        dev = param_device(config)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=dev))
+        self.bias = (torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=dev))
+                     if kind == "LayerNorm" else None)
+        for p in self.parameters():
+            p.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "RMSNorm":
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.distributed as dist
 
-from model import mcore_compat
+from model import adapt
 from parallel.layout import ParallelLayout
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def world_size_from_env() -> int:
 
 def setup(layout: ParallelLayout, seed: int = 1234, *, model_cfg: Optional["ModelConfig"] = None,
           seq_length: Optional[int] = None, micro_batch_size: Optional[int] = None,
-          global_batch_size: Optional[int] = None) -> None:
+          global_batch_size: Optional[int] = None, backend: Optional[str] = None) -> None:
     """Create Megatron-Core's groups for `layout` on the already-initialised default process group, and seed
     the model-parallel RNG tracker (TP ranks differ, DP ranks agree).
 
@@ -44,11 +44,9 @@ def setup(layout: ParallelLayout, seed: int = 1234, *, model_cfg: Optional["Mode
             raise ValueError("setup(model_cfg=...) validates the layout and needs seq_length, micro_batch_size "
                              "and global_batch_size too")
         layout.validate(model_cfg, world_size_from_env(), seq_length, micro_batch_size, global_batch_size)
-    mcore_compat.apply()
+    adapt.apply(backend)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from parallel import aux_loss, context_parallel, expert_grads
 
     if not dist.is_initialized():
         raise RuntimeError("parallel.groups.setup needs torch.distributed initialised (torchrun/srun or init_process_group)")
@@ -71,10 +69,6 @@ def setup(layout: ParallelLayout, seed: int = 1234, *, model_cfg: Optional["Mode
         expert_tensor_parallel_size=layout.etp,
         order=ORDER,
     )
-    if layout.cp > 1:
-        context_parallel.install()
-    aux_loss.install()
-    expert_grads.install()
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 
@@ -83,7 +77,7 @@ def teardown() -> None:
     """Destroy every group Megatron-Core created for the current layout and reset its globals."""
     from megatron.core import parallel_state as ps
 
-    groups = [g for g in (ps._global_process_group_list or []) if g is not None]
+    groups = adapt.private.megatron_process_groups()
     ps.destroy_model_parallel()
     seen: set[int] = set()
     for g in groups:

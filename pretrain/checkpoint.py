@@ -544,6 +544,35 @@ def _unshare_adam_steps(optimizer: Any) -> None:
                 st["step"] = st["step"].clone()
 
 
+def _retarget_lr_bounds(opt_state: Any, fresh: list[dict]) -> None:
+    """Megatron-Core 0.19 pairs saved and current param groups by an identifier tuple that includes `max_lr` and
+    `min_lr` (optimizer/optimizer.py:139 param_group_identifier_keys; distrib_optimizer.py:969 raises KeyError when
+    none matches). A new stage with another LR has other bounds, so the saved groups take the new stage's before
+    loading (the moments are what a new stage keeps; its LR bounds are its own)."""
+    bounds = {tuple(sorted(f.items())) for f in fresh}
+    if not bounds:
+        return
+    if len(bounds) > 1:
+        raise CheckpointError(f"the new stage's optimizer has param groups with different LR bounds {sorted(bounds)}; "
+                              "cannot tell which saved group each one continues")
+    (new,) = bounds
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, dict):
+            groups = obj.get("param_groups")
+            if isinstance(groups, list):
+                for g in groups:
+                    if isinstance(g, dict):
+                        g.update(dict(new))
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(opt_state)
+
+
 def load(info: CheckpointInfo, model: Sequence, optimizer: Any, *, layout: Any, full: bool) -> dict:
     """Load `info` into model (and optimizer); returns its common state.
 
@@ -565,6 +594,8 @@ def load(info: CheckpointInfo, model: Sequence, optimizer: Any, *, layout: Any, 
     # Param groups carry their own max_lr/min_lr (Megatron's scheduler prefers them to its own); a new stage
     # keeps the moments from the checkpoint but its own LR bounds.
     fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in optimizer.param_groups]
+    if not full:
+        _retarget_lr_bounds(state["optimizer"], fresh)
     with _torch_adam_step_shim():
         optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)

@@ -119,6 +119,10 @@ class LoggingConfig(_Section):
 
 
 class RunConfig(_Section):
+    backend: Literal["auto", "te", "local", "cpu"] = Field(
+        "auto", description="compute backend: te (Transformer Engine on CUDA), local (Megatron-Core local layers "
+        "on CUDA, mamba-ssm kernels when present), cpu (gloo; tests, laptops); auto picks te > local > cpu by what "
+        "imports. A backend that is not installed is an error before any process group.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     parallel: ParallelLayout = Field(default_factory=ParallelLayout)
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)

@@ -123,9 +123,9 @@ def single_process_state() -> None:
 
 def meta_model(cfg: ModelConfig):
     """The 1-process model on the meta device: its sharded_state_dict describes every tensor, allocating none."""
-    from model.build import _ModelClass, build_model
+    from model.build import build_model, preload
 
-    _ModelClass.get()  # import Megatron-Core outside the meta context (see model.build._ModelClass)
+    preload()  # import Megatron-Core outside the meta context (see model.build.preload)
     with torch.device("meta"):
         return build_model(cfg)
 

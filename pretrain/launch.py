@@ -128,7 +128,12 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(e.local_rank % torch.cuda.device_count())
+        n_gpus = torch.cuda.device_count()
+        if e.local_rank >= n_gpus:
+            raise LaunchError(f"local rank {e.local_rank} but this node has {n_gpus} GPU(s): NCCL runs one GPU per "
+                              "rank (several ranks on one GPU fail); start at most that many ranks per node, or set "
+                              "backend=cpu for gloo ranks on the CPU")
+        torch.cuda.set_device(e.local_rank)
     dist.init_process_group(backend, init_method=f"tcp://{e.master_addr}:{e.master_port}", rank=e.rank,
                             world_size=e.world_size, timeout=timedelta(seconds=timeout_s))
     return e

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 # Megatron-Core's optimizers check CUDA `param.type()` names; the CPU answer lives with the other CPU patches.
-from model.mcore_compat import cpu_type_names
+from model.adapt import cpu_type_names
 from parallel.layout import ParallelLayout
 from pretrain.config import TrainConfig
 

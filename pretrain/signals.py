@@ -4,7 +4,7 @@ with `checkpoint.requeue_exit_code` so the job chain requeues it. A second SIGTE
 
 Two ways a signal used to end a job with exit 1 instead of a checkpoint:
 - Slurm signals every process of a task, helpers included. Megatron's checkpoint writer keeps a spawned
-  multiprocessing Manager (`filesystem_async._get_write_results_queue()`) for the rest of the process's life;
+  multiprocessing Manager (`filesystem_async.get_write_results_queue()`) for the rest of the process's life;
   under the default disposition a later SIGUSR1/SIGTERM killed it and the save on that signal died with
   BrokenPipeError. `install()` starts that helper itself with the handled signals blocked, a mask the spawned
   process inherits and never lifts: the signal stays pending there forever, the helper lives on.
@@ -49,7 +49,7 @@ def start_checkpoint_helper() -> None:
     try:
         resource_tracker.ensure_running()  # ignores SIGTERM itself; inherits SIGUSR1 blocked
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        filesystem_async._get_write_results_queue()
+        filesystem_async.get_write_results_queue()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 

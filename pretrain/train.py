@@ -102,12 +102,20 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
+    """Megatron-LM's forward_step: the micro-batch on the model's device, this CP rank's chunks of it (the CP
+    group passed explicitly: with cp_group=None, 0.19's get_batch_on_this_cp_rank splits over the whole world,
+    utils.py:2612), then the model with the loss mask (the MTP losses are masked by it too)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.utils import get_batch_on_this_cp_rank
 
+    from model.adapt import current_device
+
     batch = next(data_iterator)
-    batch = {k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    batch = get_batch_on_this_cp_rank(batch)
-    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    device = current_device()
+    batch = {k: batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    batch["cu_seqlens"] = None
+    batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=ps.get_context_parallel_group())
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"])
     return out, partial(_loss_func, batch["loss_mask"])
 
 
@@ -218,57 +226,100 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
     return model, optimizer, scheduler
 
 
-def _moe_tracker_names(config) -> list[str]:
-    """The MoE losses every rank reduces, in one order, as Megatron-LM's training.py lists them. The tracker only
-    holds what this rank's layers logged, and its reduction is a collective over the pipeline group: a pipeline
-    rank without MoE layers (e.g. chunks "M*" under pp2-vpp2 of "M*-EM*-E") would skip it and hang the others.
-    Missing names get zeros, as Megatron-LM's `force_initialize` does (there on CUDA only)."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+def train_step(model: list, optimizer, data_iterator, *, num_micro: int, seq_length: int, micro_batch_size: int,
+               before_update: Optional[Callable[[], None]] = None) -> dict:
+    """One iteration, Megatron-LM's `train_step`: zero the grad buffers, run `get_forward_backward_func()` over the
+    global batch's micro-batches (PP runs its schedule; grads are finalized once: DP reduce, SP norm grads,
+    per-token scaling by the global number of loss tokens, MoE expert-bias update), then the optimizer step
+    (clipping inside). A NaN/Inf in the loss or in any gradient on any rank skips the update on every rank.
+    `foldtron train` and the parallel-equivalence matrix both call this; `before_update` runs after the
+    gradients are final and before the optimizer touches them (the matrix saves them there).
 
+    Returns {"loss": global per-token loss, "grad_norm", "nonfinite_ranks": how many ranks saw NaN/Inf,
+    "updated": whether the optimizer applied the step}."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from model.adapt import current_device
+    from pretrain.optimizer import grads_finite, optimizer_step
+
+    for m in model:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    reduced = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=data_iterator, model=model, num_microbatches=num_micro,
+        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
+    device = current_device()
+    # The loss lives on the last pipeline stage; TP ranks hold the same value, so one of them reports it.
+    contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    if contributes and reduced:
+        rep = torch.stack([r["lm loss"].to(device) for r in reduced]).double().sum(0)
+    else:
+        rep = torch.zeros(2, dtype=torch.float64, device=device)
+    finite = bool(torch.isfinite(rep).all()) and grads_finite(model)
+    red = torch.cat([rep, torch.tensor([0.0 if finite else 1.0], dtype=torch.float64, device=device)])
+    dist.all_reduce(red)  # on the backend's device: NCCL takes no CPU tensors
+    loss = float(red[0] / red[1].clamp(min=1))
+    if red[2] > 0:
+        return {"loss": loss, "grad_norm": None, "nonfinite_ranks": int(red[2]), "updated": False}
+    if before_update is not None:
+        before_update()
+    ok, grad_norm, _ = optimizer_step(optimizer)
+    return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm), "nonfinite_ranks": 0,
+            "updated": bool(ok)}
+
+
+def _moe_metric_names(config) -> list[str]:
+    """The MoE losses every rank reduces, in one order, as Megatron-LM's training.py lists them."""
     kinds = config.moe_router_load_balancing_type
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     names = [n for k, n in (("aux_loss", "load_balancing_loss"), ("seq_aux_loss", "seq_load_balancing_loss"),
                             ("global_aux_loss", "global_load_balancing_loss")) if k in kinds]
     if config.moe_z_loss_coeff is not None:
         names.append("z_loss")
-    tracker = get_moe_layer_wise_logging_tracker()
-    size = config.num_layers + (config.mtp_num_layers or 0)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    for name in names:
-        if name not in tracker:
-            tracker[name] = {"values": torch.zeros(size, device=device), "reduce_group": None, "avg_group": None,
-                             "reduce_group_has_dp": False}
     return names
 
 
+def _report_moe_metrics(config, model_cfg, num_micro: int, iteration: int, out: dict) -> None:
+    """Megatron-Core 0.19's MoE metrics tracker (transformer/moe/moe_logging.py:130 `report`): reduces over the
+    pipeline / TP x CP / DP groups, averages, adds the losses to `out`, and clears. `force_initialize` gives a
+    pipeline rank without MoE layers zero entries of the same size, or its peers' all-reduce would hang (e.g. the
+    chunks "M*" under pp2-vpp2 of "M*-EM*-E")."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    # Averaged over the main MoE layers plus one per MTP depth (upstream's count, moe_logging.py:291).
+    get_moe_metrics_tracker().report(
+        loss_scale=1.0 / num_micro, iteration=iteration, writer=None, force_initialize=True,
+        track_names=_moe_metric_names(config), num_layers=config.num_layers,
+        moe_layer_freq=[1] * model_cfg.hybrid_override_pattern.count("E"),
+        mtp_num_layers=config.mtp_num_layers if model_cfg.mtp_num_layers else None, total_loss_dict=out)
+
+
 def _clear_trackers() -> None:
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-    clear_aux_losses_tracker()
+    get_moe_metrics_tracker().clear()
     MTPLossLoggingHelper.tracker.clear()
 
 
 def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: ModelProvider, stop,
                 run_state: dict) -> dict:
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     from parallel import groups
     from pretrain.flops import train_flops_per_token
-    from pretrain.optimizer import grads_finite, optimizer_step, params_norm
+    from pretrain.optimizer import params_norm
     from pretrain.tensorboard_log import TrainLogger, memory_scalars, peak_tflops, stdout_line
 
     t = stage.train
     save_dir, load_dir = cfg.checkpoint.save, cfg.checkpoint.load or cfg.checkpoint.save
-    if stage.parallel.vpp:
-        # The interleaved schedule's own checks are bare asserts deep in Megatron-Core (pattern split into pp*vpp
-        # chunks, micro-batches a multiple of pp): say what to change instead, before any group exists.
-        stage.parallel.validate(cfg.model, dist.get_world_size(), t.seq_length, t.micro_batch_size,
-                                t.global_batch_size)
-    groups.setup(stage.parallel, seed=t.seed)
+    # Megatron-Core's own checks are bare asserts deep inside (pattern split into pp*vpp chunks, heads over tp,
+    # micro-batches a multiple of pp, ...): every layout is validated against the model and batch first, so the
+    # error names the field to change, before any group exists.
+    stage.parallel.validate(cfg.model, dist.get_world_size(), t.seq_length, t.micro_batch_size, t.global_batch_size)
+    groups.setup(stage.parallel, seed=t.seed, backend=cfg.backend)
     try:
         world = dist.get_world_size()
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -324,9 +375,6 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
         n_moe = cfg.model.all_symbols.count("E") if cfg.model.mtp_num_layers else cfg.model.hybrid_override_pattern.count("E")
         probe = _ExpertLoadProbe(model, model[0].config.finalize_model_grads_func)
         model[0].config.finalize_model_grads_func = probe
-        contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-
-        fwd_bwd = get_forward_backward_func()
         data_iter = _chunk_iterators(loader, len(model))
         history: list[tuple[int, float]] = []
         times: list[float] = []
@@ -339,27 +387,15 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             t0 = time.perf_counter()
             # Arms the probes for this step; counted over the whole run so the interval spans stages.
             quant_step = telemetry is not None and telemetry.step(step_offset + iteration + 1)
-            for m in model:
-                m.zero_grad_buffer()
-            optimizer.zero_grad()
-            reduced = fwd_bwd(forward_step_func=_forward_step, data_iterator=data_iter, model=model,
-                              num_microbatches=num_micro, seq_length=t.seq_length,
-                              micro_batch_size=t.micro_batch_size, forward_only=False)
-            if contributes and reduced:
-                rep = torch.stack([r["lm loss"] for r in reduced]).double().sum(0)
-            else:
-                rep = torch.zeros(2, dtype=torch.float64)
-            finite = bool(torch.isfinite(rep).all()) and grads_finite(model)
-            red = torch.cat([rep, torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)])
-            dist.all_reduce(red)
-            loss = float(red[0] / red[1].clamp(min=1))
-            grad_norm = None
-            if red[2] > 0:
+            step = train_step(model, optimizer, data_iter, num_micro=num_micro, seq_length=t.seq_length,
+                              micro_batch_size=t.micro_batch_size)
+            loss, grad_norm = step["loss"], step["grad_norm"]
+            if step["nonfinite_ranks"]:
                 consecutive += 1
                 counters["nan"] += 1
                 counters["skipped"] += 1
                 _print(f" [{stage.name}] iteration {iteration + 1}: non-finite loss or gradient on "
-                       f"{int(red[2])} rank(s); update skipped ({consecutive} in a row)")
+                       f"{step['nonfinite_ranks']} rank(s); update skipped ({consecutive} in a row)")
                 if consecutive >= t.max_consecutive_nan_skips:
                     raise TrainingAborted(
                         f"stage {stage.name}: {consecutive} consecutive iterations had a NaN/Inf loss or gradient "
@@ -367,8 +403,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
                         f"{iteration + 1}. Lower train.lr, check the data, or resume from an earlier checkpoint.")
             else:
                 consecutive = 0
-                ok, grad_norm, _ = optimizer_step(optimizer)
-                if ok:
+                if step["updated"]:
                     scheduler.step(1)
                 else:
                     counters["skipped"] += 1
@@ -381,8 +416,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             # Megatron's trackers reduce across ranks every step (they accumulate otherwise).
             aux: dict[str, Any] = {}
             if n_moe:
-                track_moe_metrics(loss_scale=1.0 / num_micro, iteration=iteration, writer=None, total_loss_dict=aux,
-                                  moe_layer_freq=[1] * n_moe, track_names=_moe_tracker_names(model[0].config))
+                _report_moe_metrics(model[0].config, cfg.model, num_micro, iteration, aux)
             if cfg.model.mtp_num_layers:
                 MTPLossLoggingHelper.track_mtp_metrics(1.0 / num_micro, iteration, None, total_loss_dict=aux)
             if log_step:
@@ -462,13 +496,17 @@ def run_training(cfg: RunConfig, *, model_provider: Optional[ModelProvider] = No
     Starts torch.distributed from torchrun's/Slurm's environment (or as one process) unless it already runs.
     `summary["exit_code"]` is 0 when all stages completed, `checkpoint.requeue_exit_code` after a signal or
     the exit-duration limit (the state is saved; run the same command again to continue)."""
-    from model import mcore_compat
+    from model import adapt
     from pretrain.launch import init_distributed
     from pretrain.signals import StopRequests
 
-    mcore_compat.apply()
+    from model.backend import resolve_backend
+
+    backend = resolve_backend(cfg.backend)  # a backend that is not installed: an error before any process group
+    adapt.apply(backend.name)
     stages = resolve(cfg)  # config errors before any process group starts
-    init_distributed()
+    init_distributed(backend=backend.dist_backend)
+    _print(f" foldtron: {backend.describe()}; megatron-core {'.'.join(map(str, adapt.mcore_version()))}")
     lock = ckpt.acquire_run_lock(cfg.checkpoint.save)  # one run per checkpoint directory (names the holder)
     stop = StopRequests(cfg.train.exit_duration_in_mins).install()
     summary: dict[str, Any] = {"stages": [], "run_dir": cfg.checkpoint.save,

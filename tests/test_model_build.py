@@ -37,17 +37,18 @@ def test_every_layer_kind_and_megatron_names(single_process):
 
 
 def test_pipeline_schedule_sets_microbatch_on_mtp_layers(single_process):
-    """Megatron-Core's schedules write `mtp.layers[i].transformer_layer.current_microbatch` (upstream's one-layer
-    slot); ours has a stack there, whose layers must get it like the decoder's — without new parameter names."""
+    """Megatron-Core 0.19's schedules (transformer/cuda_graphs.py:2935 set_current_microbatch) write the micro-batch
+    id on every decoder layer and on each MTP layer's `mtp_model_layer` (the shared hybrid stack), which HybridModel
+    builds; the MTP block is upstream's (`mtp_use_repeated_layer`: one shared layer), with Foldtron's names."""
     from megatron.core.pipeline_parallel.schedules import set_current_microbatch
 
     model = build_model(get_preset("tiny"))
     names = {n for n, _ in model.named_parameters()}
     set_current_microbatch(model, 3)
     assert all(layer.current_microbatch == 3 for layer in model.decoder.layers)
+    assert len(model.mtp.layers) == 1 and model.mtp.mtp_use_repeated_layer
     stack = model.mtp.layers[0].mtp_model_layer
-    assert len(stack.layers) == 2 and all(layer.current_microbatch == 3 for layer in stack.layers)
-    assert model.mtp.layers[0].transformer_layer.current_microbatch == 3
+    assert len(stack.layers) == 2 and stack.current_microbatch == 3
     assert {n for n, _ in model.named_parameters()} == names
     assert not any("transformer_layer" in n for n in names)
 

@@ -1,11 +1,7 @@
-"""Megatron-Core CPU compatibility layer: the one place where Foldtron works around CUDA assumptions in
-Megatron-Core, so the same model code runs on gloo/CPU (tests, quickstart, laptops) and on NCCL/GPU.
-
-Why process-level: Megatron-Core 0.16.1 has ~250 hard-coded `torch.cuda.current_device()` / `device="cuda"`
-/ `.cuda()` sites (shared/reference/megatron-core-on-cpu.md); patching call sites one by one does not scale.
-`apply()` is idempotent and does nothing when CUDA is available, so GPU runs see upstream code unchanged.
-Every patch names the upstream line it works around (megatron-core 0.16.1 line numbers). `PATCHES` lists
-what was applied, for tests and for `foldtron` diagnostics.
+"""CPU backend patches: Megatron-Core assumes CUDA in ~250 places (`torch.cuda.current_device()`, literal
+`device="cuda"`, `.cuda()`, streams, CUDA RNG), and gloo refuses some collectives NCCL accepts. Process-level
+patches, applied only for the `cpu` backend (model/adapt/__init__.py keys them), so GPU runs see upstream code
+unchanged. Line numbers are megatron-core 0.19.2's.
 """
 from __future__ import annotations
 
@@ -18,8 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-PATCHES: list[str] = []
-_APPLIED = False
 
 _FACTORIES = (
     "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "linspace", "eye",
@@ -96,7 +90,6 @@ def _patch_torch_cuda() -> None:
     cuda.stream = lambda s=None: contextlib.nullcontext()
     torch.Tensor.cuda = lambda self, *a, **k: self  # `.cuda()` on CPU tensors: identity
     torch.Tensor.record_stream = lambda self, stream: None
-    PATCHES.append("torch.cuda device/RNG/stream queries answered by the CPU; Tensor.cuda is identity")
 
 
 def _patch_rng_tracker() -> None:
@@ -108,20 +101,14 @@ def _patch_rng_tracker() -> None:
     mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
-    PATCHES.append("tensor_parallel.random: RNG tracker forks the CPU generator")
 
 
-def _patch_moe() -> None:
+def _patch_moe_split_sizes() -> None:
+    """moe_utils.py:1184 only moves CUDA tensors, so on CPU the all-to-all split sizes stay tensors and gloo's
+    all_to_all_single raises TypeError: convert them as the GPU path would (token_dispatcher.py:927, which imports
+    the name, is patched too)."""
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    # moe_utils.py:1192 tests `te_general_gemm is not None`, but the name is only bound when TE imports
-    # (moe_utils.py:34): NameError without TE.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-        PATCHES.append("moe_utils.te_general_gemm = None (NameError without TE, moe_utils.py:1192)")
-
-    # moe_utils.py:1093 only moves CUDA tensors, so on CPU the all-to-all split sizes stay tensors and gloo's
-    # all_to_all_single raises TypeError: convert them as the GPU path would (token_dispatcher.py:876).
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
         if torch.is_tensor(tensor):
             tensor = tensor.cpu()
@@ -131,7 +118,6 @@ def _patch_moe() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-    PATCHES.append("moe_utils/token_dispatcher.maybe_move_tensor_to_cpu converts CPU split sizes too")
 
 
 def _patch_uneven_collectives() -> None:
@@ -163,7 +149,6 @@ def _patch_uneven_collectives() -> None:
 
     mappings._gather_along_first_dim = _gather_along_first_dim
     mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
-    PATCHES.append("tensor_parallel.mappings: uneven gather/reduce-scatter made gloo-safe")
 
 
 def _patch_batched_p2p() -> None:
@@ -193,7 +178,6 @@ def _patch_batched_p2p() -> None:
         return dist.batch_isend_irecv(ops) if ops else []
 
     p2p._batched_p2p_ops = _batched_p2p_ops
-    PATCHES.append("pipeline p2p: batched send/recv tagged by direction (gloo matched pp=2 messages crosswise)")
 
 
 def _cpu_torch_for(module: types.ModuleType) -> None:
@@ -245,7 +229,6 @@ def _patch_cuda_literals() -> None:
         return orig_to(self, *args, **kwargs)
 
     torch.Tensor.to = to
-    PATCHES.append("literal device='cuda' tensor factories and Tensor.to('cuda') in megatron.core go to the CPU")
 
 
 def _patch_triton_free_imports() -> None:
@@ -269,7 +252,6 @@ def _patch_triton_free_imports() -> None:
 
     mod.tensor_get_slice_after = mod.tensor_merge = mod.tensor_masked_update = _needs_triton
     sys.modules[name] = mod
-    PATCHES.append("triton tensor_ops (mamba_mixer.py:22 import) registered as CPU-absent: dynamic inference only")
 
 
 _CPU_TORCH = _CpuTorch()
@@ -283,11 +265,8 @@ def cpu_type_names():
     """Megatron-Core's optimizers classify parameters by `param.type()` strings only CUDA tensors have
     (optimizer/clip_grads.py:167 asserts 'torch.cuda.FloatTensor'; distrib_optimizer.py:361,420,582 and
     optimizer.py:671,690 raise "Wrapped parameters must be one of torch.cuda.FloatTensor ..."). While active and
-    without CUDA, a CPU tensor's zero-argument `.type()` answers the CUDA name of its dtype. A context, not part of
+    for the cpu backend, a CPU tensor's zero-argument `.type()` answers the CUDA name of its dtype. A context, not part of
     `apply()`: wrap optimizer construction and `step()` only, so nothing else in the process sees the change."""
-    if torch.cuda.is_available():
-        yield
-        return
     orig = torch.Tensor.type
 
     def type_(self, dtype=None, non_blocking=False, **kwargs):
@@ -301,44 +280,3 @@ def cpu_type_names():
         yield
     finally:
         torch.Tensor.type = orig
-
-
-def apply() -> bool:
-    """Apply the CPU compatibility layer once per process. Returns True if it is active (no CUDA)."""
-    global _APPLIED
-    if torch.cuda.is_available():
-        return False
-    if _APPLIED:
-        return True
-    _patch_torch_cuda()
-    _patch_rng_tracker()
-    _patch_moe()
-    _patch_uneven_collectives()
-    _patch_batched_p2p()
-    _patch_cuda_literals()
-    _patch_triton_free_imports()
-    _APPLIED = True
-    return True
-
-
-class TorchNorm(torch.nn.Module):
-    """RMSNorm/LayerNorm in plain torch that, unlike megatron's WrappedTorchNorm (transformer/torch_norm.py:32),
-    allows sequence parallelism: it marks its parameters `sequence_parallel` so finalize_model_grads all-reduces
-    their gradients over TP, as TE's and apex's norms do. Parameter names: `weight` (and `bias` for LayerNorm)."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
-                 zero_centered_gamma: bool = False, normalization: str | None = None) -> None:
-        super().__init__()
-        kind = normalization or config.normalization
-        if kind not in ("RMSNorm", "LayerNorm"):
-            raise ValueError(f"TorchNorm supports RMSNorm and LayerNorm, not {kind!r}")
-        self.kind, self.eps = kind, eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype)) if kind == "LayerNorm" else None
-        for p in self.parameters():
-            p.sequence_parallel = bool(config.sequence_parallel)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "RMSNorm":
-            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

@@ -1,6 +1,12 @@
-"""The Megatron-Core CPU compatibility layer: a tiny GPTModel trains forward+backward on 1 and 2 gloo ranks,
-including TP=2, MoE with the all-to-all dispatcher under EP=2 and TP2xEP2 with sequence parallelism,
-and PP=2 through Megatron-Core's 1F1B schedule."""
+"""The Megatron-Core adaptation layer (model/adapt): a tiny GPTModel trains forward+backward on 1 and 2 gloo ranks,
+including TP=2, MoE with the all-to-all dispatcher under EP=2 and TP2xEP2 with sequence parallelism, and PP=2
+through Megatron-Core's 1F1B schedule; the patches are keyed on the backend; and every patch has a removal test:
+a scenario run with `FOLDTRON_ADAPT_SKIP=<patch>` must fail, so an upgrade shows which patches are still needed."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.distributed import run_on_ranks
@@ -9,9 +15,10 @@ from tests.distributed import run_on_ranks
 def _gpt_step(tp=1, ep=1, pp=1, sp=False, moe=False, seed=0):
     import torch
 
-    from model import mcore_compat
+    from model import adapt
+    from model.layers import TorchNorm
 
-    assert mcore_compat.apply()
+    assert "cpu.torch_cuda" in adapt.apply("cpu")
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -35,11 +42,11 @@ def _gpt_step(tp=1, ep=1, pp=1, sp=False, moe=False, seed=0):
         # WrappedTorchNorm refuses sequence parallelism (torch_norm.py:32): the compat layer's norm does not.
         for sub in ("input_layernorm", "pre_mlp_layernorm"):
             if getattr(spec.submodules, sub) is not None and sub != "self_attn_bda":
-                setattr(spec.submodules, sub, ModuleSpec(module=mcore_compat.TorchNorm))
+                setattr(spec.submodules, sub, ModuleSpec(module=TorchNorm))
         from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
         block = TransformerBlockSubmodules(layer_specs=[spec] * cfg.num_layers,
-                                           layer_norm=ModuleSpec(module=mcore_compat.TorchNorm))
+                                           layer_norm=ModuleSpec(module=TorchNorm))
         pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         model = GPTModel(config=cfg, transformer_layer_spec=block, vocab_size=64, max_sequence_length=16,
                          pre_process=pre, post_process=post)
@@ -76,30 +83,48 @@ def _on_rank(**kw):
     return _gpt_step(**kw)
 
 
-def test_applies_only_without_cuda():
-    import torch
+def test_patches_keyed_on_backend_and_idempotent():
+    from model import adapt
 
-    from model import mcore_compat
+    cpu = adapt.environment("cpu")
+    names = [p.name for p in adapt.PATCHES if p.needed(cpu)]
+    assert "cpu.torch_cuda" in names and "local.cp_attention" in names
+    gpu_te = adapt.Env(mcore=adapt.mcore_version(), backend="te", te=True, mamba_ssm=True, triton=True)
+    te_names = [p.name for p in adapt.PATCHES if p.needed(gpu_te)]
+    assert not any(n.startswith("cpu.") for n in te_names)       # keyed on the backend, not on CUDA presence
+    assert "local.cp_attention" not in te_names                   # TE does CP itself
+    assert "stand_in.latent_moe_without_te" not in te_names
+    assert "moe.expert_params_always_expert_parallel" in te_names
+    first = adapt.apply("cpu")
+    assert adapt.apply("cpu") == first                            # idempotent
+    for p in adapt.PATCHES:
+        assert p.works_around and (".py" in p.works_around), p.name  # each names the upstream file it works around
 
-    active = mcore_compat.apply()
-    assert active == (not torch.cuda.is_available())
-    if active:
-        assert any("te_general_gemm" in p or "moe_utils" in p for p in mcore_compat.PATCHES)
-        assert mcore_compat.apply() is True  # idempotent
-        n = len(mcore_compat.PATCHES)
-        mcore_compat.apply()
-        assert len(mcore_compat.PATCHES) == n
+
+def test_unsupported_version_is_a_clear_error(monkeypatch):
+    from model import adapt
+
+    monkeypatch.setattr(adapt, "mcore_version", lambda: (0, 16, 1))
+    with pytest.raises(RuntimeError, match="megatron-core 0.16.1 is installed"):
+        adapt.check_version()
+
+
+def test_unknown_skip_name_is_refused(monkeypatch):
+    from model import adapt
+
+    monkeypatch.setenv("FOLDTRON_ADAPT_SKIP", "cpu.no_such_patch")
+    with pytest.raises(ValueError, match="unknown patches"):
+        adapt.skipped()
 
 
 def test_cuda_factories_and_rng_go_to_cpu():
     import torch
 
-    from model import mcore_compat
+    from model import adapt
+    from model.adapt import cpu
 
-    mcore_compat.apply()
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the compat layer is off")
-    t = mcore_compat._CPU_TORCH.zeros(3, device="cuda")
+    adapt.apply("cpu")
+    t = cpu._CPU_TORCH.zeros(3, device="cuda")
     assert t.device.type == "cpu"
     torch.cuda.manual_seed(7)
     a = torch.rand(3)
