@@ -275,21 +275,21 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line with its newline) of a plain, .gz or .zst file, streaming. A compressed stream
     that ends early raises TruncatedInput after the last whole line: the lines before it are kept, the cut-off
     one is not passed on as if it were a record."""
-    lineno, tail = 0, b""
+    lineno, tail = 0, []  # the current line's pieces: a long line costs one join, not one copy per chunk
     try:
         for block in _chunks(path):
             if b"\n" not in block:
-                tail += block
+                tail.append(block)
                 continue
-            lines = (tail + block).split(b"\n")
-            tail = lines.pop()
+            lines = b"".join([*tail, block]).split(b"\n")
+            tail = [lines.pop()]
             for line in lines:
                 lineno += 1
                 yield lineno, line + b"\n"
     except EOFError as e:
-        raise TruncatedInput(path, lineno + 1, str(e), len(tail)) from None
-    if tail:
-        yield lineno + 1, tail
+        raise TruncatedInput(path, lineno + 1, str(e), sum(map(len, tail))) from None
+    if any(tail):
+        yield lineno + 1, b"".join(tail)
 
 
 Record = dict  # {"id", "source", "text", "language", "code", ...keep_fields}
