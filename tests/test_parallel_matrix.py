@@ -2,8 +2,9 @@
 like one process.
 
 How: a 1-process reference saves its initial weights as a Megatron-Core distributed checkpoint; each layout loads
-them (dist_checkpointing reshards TP/EP/PP/fused-Mamba layouts for us), runs 3 optimizer steps through Megatron's
-schedules, DDP and optimizer, and saves its reduced gradients of step 1 and its parameters after step 3 as
+them (dist_checkpointing reshards TP/EP/PP/fused-Mamba layouts for us), runs 3 optimizer steps through the
+production step (`pretrain.train.train_step`, the function `foldtron train` runs, with its DDP wrapping, optimizer,
+forward step and CP batch split), and saves its reduced gradients of step 1 and its parameters after step 3 as
 distributed checkpoints. Loading those back unsharded and comparing tensor by tensor with the reference checks
 every rank's shard at once. Loss per step and gradients: within 1e-5 relative (fp32), parameters likewise.
 """
@@ -36,11 +37,10 @@ def _model_cfg(over: dict):
     return get_preset("tiny", **{**TINY8, **over})
 
 
-def _batches(dp: int, dp_rank: int, cp: int, cp_rank: int, step: int):
-    """This rank's micro-batches of the step's global batch: DP slice of samples, CP shard of the sequence."""
+def _batches(dp: int, dp_rank: int, step: int):
+    """This rank's micro-batches of the step's global batch (its DP slice of samples, whole sequences: the
+    production forward step cuts this CP rank's chunks itself)."""
     import torch
-
-    from parallel.context_parallel import shard_sequence
 
     g = torch.Generator().manual_seed(1000 + step)
     data = torch.randint(0, 512, (GBS, SEQ + 1), generator=g)
@@ -49,10 +49,8 @@ def _batches(dp: int, dp_rank: int, cp: int, cp_rank: int, step: int):
     out = []
     for j in range(per // MBS):
         mb = mine[j * MBS:(j + 1) * MBS]
-        tokens, labels = mb[:, :-1].contiguous(), mb[:, 1:].contiguous()
-        pos = torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)
-        out.append({k: shard_sequence(v, cp, cp_rank) for k, v in
-                    (("tokens", tokens), ("labels", labels), ("pos", pos))})
+        out.append({"tokens": mb[:, :-1].contiguous(), "labels": mb[:, 1:].contiguous(),
+                    "loss_mask": torch.ones(MBS, SEQ), "position_ids": torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)})
     return out
 
 
@@ -111,27 +109,10 @@ def _save_params_as(chunks, ddp_chunks, path: str, grads: bool):
             p.data.copy_(b)
 
 
-def _mtp_microbatch_slot(chunk) -> None:
-    """Megatron's schedules set `layer.transformer_layer.current_microbatch` on every MTP layer
-    (pipeline_parallel/schedules.py:215); model/mtp.py's HybridMTPLayer has no `transformer_layer` yet (reported to
-    the model engineer). Give it a plain slot, outside the module tree so no parameter is aliased."""
-    import types
-
-    mtp = getattr(chunk, "mtp", None)
-    for layer in getattr(mtp, "layers", []) or []:
-        if "transformer_layer" not in layer.__dict__ and not hasattr(type(layer), "transformer_layer"):
-            try:
-                layer.transformer_layer
-            except AttributeError:
-                object.__setattr__(layer, "transformer_layer", types.SimpleNamespace())
-
-
 def _train_rank(layout_kw: dict, model_over: dict, workdir: str, tag: str, save_init: bool = False):
     """One rank of a training run; returns the per-step losses (on last-stage ranks, else None)."""
     import torch
-    import torch.distributed as dist
 
-    from model import mcore_compat
     from model.build import build_model, transformer_config
     from parallel import groups
     from parallel.layout import ParallelLayout
@@ -142,13 +123,10 @@ def _train_rank(layout_kw: dict, model_over: dict, workdir: str, tag: str, save_
     try:
         from megatron.core import dist_checkpointing
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from pretrain.config import TrainConfig
+        from pretrain.optimizer import build_optimizer, install_grad_sync, wrap_ddp
+        from pretrain.train import train_step
 
         tc = transformer_config(
             cfg, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
@@ -163,8 +141,6 @@ def _train_rank(layout_kw: dict, model_over: dict, workdir: str, tag: str, save_
             chunks.append(build_model(
                 cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp, config=tc))
-        for c in chunks:
-            _mtp_microbatch_slot(c)
         init_dir = str(Path(workdir) / "init")
         if save_init:
             Path(init_dir).mkdir(parents=True, exist_ok=True)
@@ -179,56 +155,27 @@ def _train_rank(layout_kw: dict, model_over: dict, workdir: str, tag: str, save_
                 missing = [k for k in _sharded_sd([c]) if _chunk_key(chunks, i, k) not in loaded]
                 assert not missing, f"not in the reference checkpoint: {missing[:5]}"
                 c.load_state_dict(sd, strict=True)
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                use_distributed_optimizer=layout.use_distributed_optimizer,
-                                                bucket_size=None)
-        ddp = [DistributedDataParallel(config=tc, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
-               for i, c in enumerate(chunks)]
-        with mcore_compat.cpu_type_names():
-            opt = get_megatron_optimizer(
-                OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-                                adam_eps=ADAM_EPS, clip_grad=1.0, bf16=False, params_dtype=torch.float32,
-                                use_distributed_optimizer=layout.use_distributed_optimizer), ddp)
-        tc.no_sync_func = ddp[0].no_sync if len(ddp) == 1 else [m.no_sync for m in ddp]
-        tc.finalize_model_grads_func = finalize_model_grads
+        ddp = wrap_ddp(chunks, layout, bf16=False)
+        install_grad_sync(ddp)
+        opt = build_optimizer(ddp, TrainConfig(lr=1e-2, min_lr=0.0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                                               adam_eps=ADAM_EPS, clip_grad=1.0), layout, bf16=False)
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
-        dp = ps.get_data_parallel_world_size()
-        dp_rank = ps.get_data_parallel_rank()
-        cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-
-        def forward_step(data_iterator, model):
-            b = next(data_iterator)
-            out = model(b["tokens"], b["pos"], None, labels=b["labels"])
-
-            def loss_func(per_token):
-                s = per_token.float().sum()
-                n = torch.tensor(per_token.numel(), dtype=torch.int)
-                return s, n, {"lm": torch.stack([s.detach(), n.float()])}
-            return out, loss_func
+        def save_grads():
+            if layout.use_distributed_optimizer:
+                _gather_distopt_grads(ddp)
+            _save_params_as(chunks, ddp, str(Path(workdir) / f"{tag}-grads"), grads=True)
 
         losses = []
         for step in range(STEPS):
-            for m in ddp:
-                m.zero_grad_buffer()
-            opt.zero_grad()
-            mbs = _batches(dp, dp_rank, cp, cp_rank, step)
+            mbs = _batches(dp, dp_rank, step)
             its = [iter(mbs) for _ in range(vpp)] if layout.vpp else iter(mbs)
-            out = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=its, model=ddp, num_microbatches=len(mbs),
-                seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
-            if ps.is_pipeline_last_stage(ignore_virtual=True):
-                tot = torch.stack([o["lm"] for o in out]).sum(0)
-                dist.all_reduce(tot, group=ps.get_data_parallel_group(with_context_parallel=True))
-                losses.append(float(tot[0] / tot[1]))
-            if step == 0:
-                if layout.use_distributed_optimizer:
-                    _gather_distopt_grads(ddp)
-                _save_params_as(chunks, ddp, str(Path(workdir) / f"{tag}-grads"), grads=True)
-            with mcore_compat.cpu_type_names():
-                ok, _, _ = opt.step()
-            assert ok
+            res = train_step(ddp, opt, its, num_micro=len(mbs), seq_length=SEQ, micro_batch_size=MBS,
+                             before_update=save_grads if step == 0 else None)
+            assert res["updated"] and not res["nonfinite_ranks"], res
+            losses.append(res["loss"])
         _save_params_as(chunks, ddp, str(Path(workdir) / f"{tag}-params"), grads=False)
-        return losses if losses else None
+        return losses if ps.is_pipeline_last_stage(ignore_virtual=True) else None
     finally:
         groups.teardown()
 

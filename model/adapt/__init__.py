@@ -112,6 +112,9 @@ PATCHES: tuple[Patch, ...] = (
     Patch("local.cp_attention", "transformer/dot_product_attention.py asserts context_parallel_size == 1: CP "
           "attention exists only in TE; exact all-gather-KV attention for the local/CPU backends",
           lambda e: not e.te, _install("context_parallel", "install")),
+    Patch("mtp.cp_global_token_counts", "transformer/multi_token_prediction.py:760 process_mtp_loss normalises each "
+          "depth by CP-local token counts: under CP the MTP gradient depends on the layout (~0.6% at cp2)",
+          lambda e: True, _install("mtp_loss", "install")),
     Patch("moe.expert_params_always_expert_parallel", "tensor_parallel/layers.py:961 (and TE's "
           "_set_expert_parameter_attributes, extensions/transformer_engine.py:91) mark experts allreduce=False only "
           "when ep > 1 or etp != tp: the optimizer chain (checkpoint keys chained_0/1) then depends on the layout",
