@@ -260,3 +260,22 @@ def test_resharding_removes_only_the_stale_shards_it_wrote(sharded, tokenizer):
     assert (sharded / "web" / "mine.tar").read_bytes() == b"x"
     with pytest.raises(ShardError, match="mine.tar"):
         load_manifests(sharded)
+
+
+def test_truncated_parquet_source_is_a_named_bad_input(tmp_path, docs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "in"
+    d.mkdir()
+    pq.write_table(pa.table({"text": docs[:10]}), d / "good.parquet")
+    pq.write_table(pa.table({"text": docs[10:20]}), d / "cut.parquet")
+    raw = (d / "cut.parquet").read_bytes()
+    (d / "cut.parquet").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump([{"name": "pq", "kind": "parquet", "paths": ["in"]}]))
+    with pytest.raises(CurationError, match=r"cut\.parquet:1: truncated: not a readable parquet file"):
+        run_curation(tmp_path / "s.yaml", tmp_path / "fail")
+    rep = run_curation(tmp_path / "s.yaml", tmp_path / "skip", on_bad_input="skip")
+    assert {k: v["docs"] for k, v in rep["bad_input"].items()} == {"truncated": 1}
+    assert rep["input"]["docs"] == 11
+    _check_invariant(rep)
