@@ -258,7 +258,7 @@ def _take_lock(save_dir: Path) -> RunLock:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         try:
             holder = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
         except ValueError:
@@ -269,6 +269,11 @@ def _take_lock(save_dir: Path) -> RunLock:
             f"{holder.get('host', '?')} (since {holder.get('started', '?')}: {holder.get('command', '?')}). Two runs "
             f"writing one checkpoint directory corrupt each other's checkpoints; wait for it or stop it, or set "
             f"another checkpoint.save (lock file {path})") from None
+    except OSError as e:  # a filesystem without flock (Lustre mounted without -o flock, some NFS): run unlocked
+        os.close(fd)
+        _loud(f"WARNING: cannot lock {path} ({e}): this filesystem does not support flock, so a second run on "
+              f"{save_dir} would not be refused; make sure only one run writes there")
+        return RunLock(path, None)
     info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": " ".join(sys.argv)}
     os.ftruncate(fd, 0)
@@ -285,7 +290,7 @@ def acquire_run_lock(save_dir: Optional[str | Path]) -> Optional[RunLock]:
     if _is_rank0():
         try:
             lock = _take_lock(Path(save_dir))
-        except (RunLockError, OSError) as e:
+        except (RunLockError, OSError) as e:  # held by another run, or the directory cannot be created
             err = str(e)
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [err]
