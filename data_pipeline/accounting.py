@@ -7,7 +7,11 @@ shape, the run report adding `sources` (one such block per source) and `dedup` s
      "filtered": {reason: {"docs", "bytes"}},      first heuristic rule failed
      "exact_duplicates": {"docs", "bytes"},
      "fuzzy_duplicates": {"docs", "bytes"},
-     "kept": {"docs", "bytes"}}
+     "kept": {"docs", "bytes"},
+     "kept_by_bucket": {output source: {"docs", "bytes"}},   where the kept documents went: a bucketed
+                                                          source's `<source>_<bucket>`, else the source
+     "languages": {code: {"docs", "bytes"}},         detected language of every document that reached langid
+     "quality_scores": {score: {"docs", "bytes"}}}   ensemble quality score of every scored document
 Bytes are the raw input bytes of each record (its JSONL line, its file in a tree, its text for
 parquet), so the invariant input = kept + every removal bucket holds for documents and for bytes.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 BUCKETS = ("exact_duplicates", "fuzzy_duplicates", "kept")
+BREAKDOWNS = ("kept_by_bucket", "languages", "quality_scores")  # {key: counts}; kept_by_bucket sums to kept
 
 
 def zero() -> dict:
@@ -23,7 +28,8 @@ def zero() -> dict:
 
 
 def empty_report() -> dict:
-    return {"input": zero(), "bad_input": {}, "filtered": {}, **{b: zero() for b in BUCKETS}}
+    return {"input": zero(), "bad_input": {}, "filtered": {}, **{b: zero() for b in BUCKETS},
+            **{k: {} for k in BREAKDOWNS}}
 
 
 def add(c: dict, docs: int, nbytes: int) -> None:
@@ -37,9 +43,9 @@ def add_reason(d: dict, reason: str, docs: int, nbytes: int) -> None:
 
 def merge_into(total: dict, r: dict) -> None:
     add(total["input"], r["input"]["docs"], r["input"]["bytes"])
-    for key in ("bad_input", "filtered"):
-        for reason, c in r[key].items():
-            add_reason(total[key], reason, c["docs"], c["bytes"])
+    for key in ("bad_input", "filtered", *BREAKDOWNS):
+        for reason, c in r.get(key, {}).items():
+            add_reason(total.setdefault(key, {}), reason, c["docs"], c["bytes"])
     for b in BUCKETS:
         add(total[b], r[b]["docs"], r[b]["bytes"])
 
@@ -61,6 +67,10 @@ def check_invariant(r: dict, where: str) -> None:
         if r["input"][k] != r["kept"][k] + rem[k]:
             raise AssertionError(f"accounting mismatch in {where}: input {k} {r['input'][k]} != kept "
                                  f"{r['kept'][k]} + removed {rem[k]}")
+        by_bucket = sum(c[k] for c in r.get("kept_by_bucket", {}).values())
+        if "kept_by_bucket" in r and by_bucket != r["kept"][k]:
+            raise AssertionError(f"accounting mismatch in {where}: kept {k} {r['kept'][k]} != the sum over "
+                                 f"kept_by_bucket {by_bucket}")
 
 
 def merge_reports(units: Iterable[dict]) -> dict:

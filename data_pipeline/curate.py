@@ -9,8 +9,13 @@ Three stages, each a set of independent tasks (so each can be one Slurm job arra
             edges. The first write task then resolves all edges into the set of duplicates (cheap:
             it reads edges, not documents) and saves it atomically; any other task that gets there
             computes the same bytes.
-    write   one task per unit: drop the duplicates, write OUTPUT/curated/<source>/part-XXXXX.jsonl.zst
-            and the unit's report; the task that completes the set merges OUTPUT/reports/run.json.
+    write   one task per unit: drop the duplicates, score the survivors of a bucketed source with the
+            quality classifiers (`quality.py`), write OUTPUT/curated/<source>/part-XXXXX.jsonl.zst (a
+            bucketed source: OUTPUT/curated/<source>_<bucket>/part-XXXXX.jsonl.zst, per non-empty
+            bucket) and the unit's report; the task that completes the set merges
+            OUTPUT/reports/run.json and writes OUTPUT/curated/<output source>/manifest.json.
+Language identification (`langid.py`), when enabled, runs in map before the heuristic filters (which are
+English rules): a document in a language not kept is counted under `language`.
 `all` runs the three in order on this machine, each stage's tasks in a process pool (`cpus`).
 Task i of n owns items i, i+n, i+2n... of each stage. Every task writes to temporary names, renames,
 then leaves a done marker under OUTPUT/_work/; a rerun skips marked tasks, so a killed job resumes
@@ -26,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,7 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_pipeline import accounting as acc
-from data_pipeline import minhash
+from data_pipeline import langid, minhash, quality
 from data_pipeline.dedup import (
     EXACT_DTYPE,
     LSH_DTYPE,
@@ -47,6 +53,8 @@ from data_pipeline.dedup import (
     resolve,
 )
 from data_pipeline.filters import FilterConfig, reject_reason
+from data_pipeline.langid import LangIdConfig
+from data_pipeline.quality import QualityConfig
 from data_pipeline.sources import BadInput, SourceSpec, Unit, load_sources, plan_units, read_file
 from data_pipeline.tasks import (
     atomic_path,
@@ -67,6 +75,8 @@ class CurateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     filters: FilterConfig = Field(default_factory=FilterConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    langid: LangIdConfig = Field(default_factory=LangIdConfig)  # language identification (off by default)
+    quality: QualityConfig = Field(default_factory=QualityConfig)  # classifiers + buckets (off by default)
     unit_bytes: int = Field(64 * 2**20, ge=1)  # input bytes per map unit (a bigger file is one unit)
     batch_docs: int = Field(256, ge=1)  # documents per MinHash batch: bounds a task's memory
     on_bad_input: Literal["skip", "fail"] = "fail"  # a source's own setting wins; --on-bad-input beats this
@@ -85,9 +95,13 @@ def load_config(path: str | os.PathLike | None) -> CurateConfig:
         raise CurationError(f"curation config not found: {p}")
     raw = yaml.safe_load(p.read_text()) or {}
     try:
-        return CurateConfig.model_validate(raw)
+        cfg = CurateConfig.model_validate(raw)
     except ValidationError as e:
         raise CurationError(f"{p}: {e}") from None
+    for c in cfg.quality.classifiers:  # model paths are relative to the config's folder, like sources'
+        if not Path(c.path).is_absolute():
+            c.path = str(p.parent / c.path)
+    return cfg
 
 
 @dataclass
@@ -132,12 +146,20 @@ def plan_run(sources: str | os.PathLike, output: str | os.PathLike, cfg: CurateC
     units = plan_units(specs, cfg.unit_bytes)
     out = Path(output)
     run = Run(out, cfg, {s.name: s for s in specs}, units, on_bad_input or cfg.on_bad_input)
+    try:  # models load here, before any task: a bad one is named now, not in task 37 of 64
+        langid.check(cfg.langid)
+        model_sha = quality.check_classifiers(cfg.quality)
+    except (langid.LangIdError, quality.QualityError) as e:
+        raise CurationError(str(e)) from None
+    _check_outputs(run)
     plan = {
         "config": cfg.model_dump(mode="json"),
         "sources": [s.model_dump(mode="json") for s in specs],
         "units": [{"source": u.source, "part": u.part, "files": [[f.rel, f.size] for f in u.files]}
                   for u in units],
     }
+    if model_sha:
+        plan["classifiers"] = model_sha
     fp = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     plan_path = run.work / "plan.json"
     if plan_path.exists():
@@ -149,6 +171,31 @@ def plan_run(sources: str | os.PathLike, output: str | os.PathLike, cfg: CurateC
     else:
         write_json(plan_path, {"fingerprint": fp, **plan})
     return run
+
+
+def output_sources(run: Run, source: str) -> list[str]:
+    """The curated output sources of `source`: `<source>_<bucket>` per bucket when it is bucketed, else itself."""
+    q = run.cfg.quality
+    if q.bucketed(source, bool(run.specs[source].code)):
+        return [f"{source}_{b.name}" for b in q.buckets]
+    return [source]
+
+
+def _check_outputs(run: Run) -> None:
+    q = run.cfg.quality
+    if q.sources is not None:
+        unknown = sorted(set(q.sources) - set(run.specs))
+        if unknown:
+            raise CurationError(f"quality.sources names {unknown}, which the sources YAML does not define "
+                                f"(it has {sorted(run.specs)})")
+    seen: dict[str, str] = {}
+    for name in run.specs:
+        for o in output_sources(run, name):
+            if o in seen or (o != name and o in run.specs):
+                raise CurationError(f"curated output source {o!r} (from {name!r}) clashes with "
+                                    f"{'source ' + repr(o) if o in run.specs else repr(seen[o])}: rename a source "
+                                    f"or a quality bucket")
+            seen[o] = name
 
 
 # --- map ---------------------------------------------------------------------------------------------
@@ -224,6 +271,13 @@ def map_unit(run: Run, unit: Unit) -> None:
                         rep["bad_input_examples"].append(
                             {"path": rec.path, "line": rec.line, "reason": rec.reason, "detail": rec.detail})
                     continue
+                if cfg.langid.enabled:
+                    lang, lscore = langid.identify(rec["text"], cfg.langid)
+                    rec["detected_language"], rec["language_score"] = lang, lscore
+                    acc.add_reason(rep["languages"], lang, 1, nbytes)
+                    if not langid.keeps(lang, lscore, rec["code"], cfg.langid):
+                        acc.add_reason(rep["filtered"], langid.REASON, 1, nbytes)
+                        continue
                 reason = reject_reason(rec["text"], rec["code"], cfg.filters)
                 if reason is not None:
                     acc.add_reason(rep["filtered"], reason, 1, nbytes)
@@ -325,21 +379,72 @@ def write_unit(run: Run, unit: Unit) -> None:
     ex_rows, fz_rows = _rows_of(unit.index, ex_refs), _rows_of(unit.index, fz_refs)
     src = run.unit_dir(unit.index)
     rep = read_json(src / "report.json")
+    for key in acc.BREAKDOWNS:
+        rep.setdefault(key, {})
     sizes = np.fromfile(src / "sizes.i64", dtype="<i8")
+    q = run.cfg.quality
+    names = output_sources(run, unit.source)
+    bucketed = q.bucketed(unit.source, bool(run.specs[unit.source].code))
+    paths = [run.out / "curated" / n / f"part-{unit.part:05d}.jsonl.zst" for n in names]
     import zstandard
 
     from data_pipeline.tasks import ZSTD_LEVEL
-    with atomic_path(run.part_path(unit)) as tmp, open(tmp, "wb") as raw, \
-            zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(raw, closefd=False) as zw, \
-            open(src / "docs.jsonl", "rb") as docs:
+    counts = [acc.zero() for _ in names]
+    with ExitStack() as stack, open(src / "docs.jsonl", "rb") as docs:
+        writers: dict[int, object] = {}
+
+        def out(i: int):
+            if i not in writers:  # a bucket's file appears only when it has a document
+                tmp = stack.enter_context(atomic_path(paths[i]))
+                raw = stack.enter_context(open(tmp, "wb"))
+                writers[i] = stack.enter_context(
+                    zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(raw, closefd=False))
+            return writers[i]
+
+        def keep(i: int, row: int, line: bytes) -> None:
+            acc.add(rep["kept"], 1, sizes[row])
+            acc.add(counts[i], 1, sizes[row])
+            out(i).write(line)
+
+        batch: list[tuple[int, bytes]] = []
+
+        def score(batch: list[tuple[int, bytes]]) -> None:
+            recs = [json.loads(line) for _, line in batch]
+            ok, probs, total, bucket = quality.score_batch([r["text"] for r in recs], q)
+            for k, ((row, _), r) in enumerate(zip(batch, recs)):
+                if not ok[k]:
+                    acc.add_reason(rep["filtered"], quality.UNSCORABLE, 1, sizes[row])
+                    continue
+                r["quality"] = {c.name: float(probs[k, j]) for j, c in enumerate(q.classifiers)}
+                r["quality_score"] = int(total[k])
+                r["quality_bucket"] = q.buckets[bucket[k]].name
+                r["source"], r["from_source"] = names[bucket[k]], unit.source  # shards check `source`
+                acc.add_reason(rep["quality_scores"], str(int(total[k])), 1, sizes[row])
+                keep(int(bucket[k]), row, (json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+            batch.clear()
+
+        if not bucketed:
+            out(0)  # an unbucketed source always has its part file, empty or not
         for row, line in enumerate(docs):
             if row in ex_rows:
                 acc.add(rep["exact_duplicates"], 1, sizes[row])
             elif row in fz_rows:
                 acc.add(rep["fuzzy_duplicates"], 1, sizes[row])
+            elif bucketed:
+                batch.append((row, line))
+                if len(batch) >= run.cfg.batch_docs:
+                    score(batch)
             else:
-                acc.add(rep["kept"], 1, sizes[row])
-                zw.write(line)
+                keep(0, row, line)
+        if batch:
+            score(batch)
+    rep["outputs"] = []
+    for i, name in enumerate(names):
+        if i in writers or not bucketed:
+            acc.add_reason(rep["kept_by_bucket"], name, counts[i]["docs"], counts[i]["bytes"])
+            rep["outputs"].append({"source": name, "file": paths[i].name, "docs": counts[i]["docs"],
+                                   "input_bytes": counts[i]["bytes"], "bytes": paths[i].stat().st_size,
+                                   "sha256": quality.sha256_of(paths[i])})
     acc.check_invariant(rep, f"unit {unit.index} ({unit.source} part {unit.part})")
     write_json(run.unit_report_path(unit.index), rep)
     mark_done(run.write_done(unit.index))
@@ -354,10 +459,39 @@ def merge_run_report(run: Run) -> dict | None:
     report["dedup"] = read_json(run.dedup_dir / "stats.json")
     report["units"] = len(run.units)
     report["bad_input_examples"] = [e for r in units for e in r.get("bad_input_examples", [])][:100]
+    _write_curated_manifests(run, units)
     path = run.out / "reports" / "run.json"
     if not path.exists() or read_json(path) != report:
         write_json(path, report)
     return report
+
+
+def _write_curated_manifests(run: Run, units: list[dict]) -> None:
+    """OUTPUT/curated/<output source>/manifest.json: where it came from (source, bucket and its score range,
+    classifiers), its documents and bytes, and every part file with its sha256."""
+    q = run.cfg.quality
+    by_source: dict[str, list[dict]] = {}
+    for u, r in zip(run.units, units):
+        for o in r.get("outputs", []):
+            by_source.setdefault(o["source"], []).append({"unit": u.index, **o})
+    for source in run.specs:
+        bucketed = q.bucketed(source, bool(run.specs[source].code))
+        for i, name in enumerate(output_sources(run, source)):
+            parts = by_source.get(name, [])
+            if not parts:
+                continue
+            man = {"source": name, "from_source": source, "documents": sum(p["docs"] for p in parts),
+                   "input_bytes": sum(p["input_bytes"] for p in parts), "bytes": sum(p["bytes"] for p in parts),
+                   "parts": parts, "bucket": None}
+            if bucketed:
+                b = q.buckets[i]
+                hi = q.buckets[i - 1].min_score - 1 if i else q.resolution - 1
+                man["bucket"] = {"name": b.name, "min_score": b.min_score, "max_score": hi, "combine": q.combine,
+                                 "resolution": q.resolution,
+                                 "classifiers": {c.name: {"path": c.path, "label": c.label} for c in q.classifiers}}
+            path = run.out / "curated" / name / "manifest.json"
+            if not path.exists() or read_json(path) != man:
+                write_json(path, man)
 
 
 # --- driving the stages ------------------------------------------------------------------------------
