@@ -2,17 +2,13 @@
 including TP=2, MoE with the all-to-all dispatcher under EP=2 and TP2xEP2 with sequence parallelism, and PP=2
 through Megatron-Core's 1F1B schedule; the patches are keyed on the backend; and every patch has a removal test:
 a scenario run with `FOLDTRON_ADAPT_SKIP=<patch>` must fail, so an upgrade shows which patches are still needed."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.distributed import run_on_ranks
 
 
-def _gpt_step(tp=1, ep=1, pp=1, sp=False, moe=False, seed=0):
+def _gpt_step(tp=1, ep=1, pp=1, cp=1, sp=False, moe=False, seed=0):
     import torch
 
     from model import adapt
@@ -27,12 +23,13 @@ def _gpt_step(tp=1, ep=1, pp=1, sp=False, moe=False, seed=0):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep)
+                                 expert_model_parallel_size=ep, context_parallel_size=cp)
     try:
         model_parallel_cuda_manual_seed(seed)
         cfg = TransformerConfig(
             num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, use_cpu_initialization=True,
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+            context_parallel_size=cp,
             sequence_parallel=sp, normalization="RMSNorm", add_bias_linear=False,
             num_moe_experts=4 if moe else None, moe_router_topk=2 if moe else 2,
             moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, hidden_dropout=0.0, attention_dropout=0.0, pipeline_dtype=torch.float32,
@@ -49,11 +46,16 @@ def _gpt_step(tp=1, ep=1, pp=1, sp=False, moe=False, seed=0):
                                            layer_norm=ModuleSpec(module=TorchNorm))
         pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         model = GPTModel(config=cfg, transformer_layer_spec=block, vocab_size=64, max_sequence_length=16,
-                         pre_process=pre, post_process=post)
+                         pre_process=pre, post_process=post, position_embedding_type="none")
         torch.manual_seed(123)  # same batch on every rank
         tokens = torch.randint(0, 64, (2, 16))
         labels = torch.roll(tokens, -1, dims=1)
         pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+        if cp > 1:
+            from parallel.context_parallel import shard_sequence
+
+            r = ps.get_context_parallel_rank()
+            tokens, labels, pos = (shard_sequence(t, cp, r) for t in (tokens, labels, pos))
 
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -163,3 +165,119 @@ def test_gpt_pp2():
     res = run_on_ranks(_on_rank, 2, pp=2)
     assert res[1][0] is not None  # the last stage reports the loss
     assert all(n_grads == n_params for _, n_grads, n_params in res)
+
+
+@pytest.mark.multiproc
+def test_gpt_cp2():
+    res = run_on_ranks(_on_rank, 2, cp=2)
+    assert all(n_grads == n_params for _, n_grads, n_params in res)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scenarios for the removal tests
+
+@pytest.fixture(scope="module")
+def single_process():
+    from model.build import init_single_process
+
+    init_single_process(seed=1234)
+
+# small, single-purpose, each fails without the patch named in REMOVAL.
+
+def test_scenario_tiny_hybrid_builds_and_trains(single_process):
+    import torch
+
+    from model.build import build_model
+    from model.presets import get_preset
+
+    cfg = get_preset("tiny")
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 32))
+    loss = model(ids, torch.arange(32).expand(2, 32), None, labels=ids)
+    loss.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_scenario_megatron_optimizer_steps_on_cpu(single_process):
+    import torch
+
+    from model.build import build_model, transformer_config
+    from model.presets import get_preset
+    from parallel.layout import ParallelLayout
+    from pretrain.config import TrainConfig
+    from pretrain.optimizer import build_optimizer, install_grad_sync, optimizer_step, wrap_ddp
+
+    cfg = get_preset("tiny", mtp_num_layers=0, mtp_hybrid_override_pattern=None)
+    model = wrap_ddp([build_model(cfg, config=transformer_config(cfg, calculate_per_token_loss=True))],
+                     ParallelLayout(), bf16=False)
+    install_grad_sync(model)
+    opt = build_optimizer(model, TrainConfig(), ParallelLayout(), bf16=False)
+    ids = torch.randint(0, cfg.vocab_size, (1, 16))
+    model[0](ids, torch.arange(16).expand(1, 16), None, labels=ids).sum().backward()
+    ok, _, _ = optimizer_step(opt)
+    assert ok
+
+
+def test_scenario_expert_params_are_expert_parallel_on_every_layout(single_process):
+    from model.build import build_model
+    from model.presets import get_preset
+
+    model = build_model(get_preset("tiny"))
+    experts = [n for n, p in model.named_parameters() if ".experts." in n]
+    assert experts and all(not getattr(p, "allreduce", True) for n, p in model.named_parameters() if n in experts)
+
+
+# patch -> the test that shows it is needed (run with the patch switched off; it must fail)
+MATRIX_CP2 = "tests/test_parallel_matrix.py::test_layout_equals_one_process[cp2]"
+REMOVAL = {
+    "cpu.torch_cuda": "tests/test_adapt.py::test_scenario_tiny_hybrid_builds_and_trains",
+    "cpu.rng_tracker": "tests/test_adapt.py::test_scenario_tiny_hybrid_builds_and_trains",
+    "cpu.cuda_literals": "tests/test_adapt.py::test_gpt_pp2",
+    "cpu.moe_split_sizes": "tests/test_adapt.py::test_gpt_moe_ep2",
+    "cpu.uneven_collectives": "tests/test_adapt.py::test_gpt_moe_tp2_ep2_sp",
+    "cpu.batched_p2p_tags": "tests/test_vpp.py::test_batched_p2p_pairs_activations_and_gradients_on_gloo",
+    "cpu.triton_free_imports": "tests/test_adapt.py::test_scenario_tiny_hybrid_builds_and_trains",
+    "cpu.tensor_type_names": "tests/test_adapt.py::test_scenario_megatron_optimizer_steps_on_cpu",
+    "local.cp_attention": "tests/test_adapt.py::test_gpt_cp2",
+    "mtp.cp_global_token_counts": MATRIX_CP2,
+    "moe.expert_params_always_expert_parallel":
+        "tests/test_adapt.py::test_scenario_expert_params_are_expert_parallel_on_every_layout",
+    "stand_in.mamba_mixer_without_mamba_ssm": "tests/test_adapt.py::test_scenario_tiny_hybrid_builds_and_trains",
+    "stand_in.latent_moe_without_te": "tests/test_adapt.py::test_scenario_tiny_hybrid_builds_and_trains",
+    "optimizer.empty_expert_optimizer_step": "tests/test_train.py::test_vpp_checkpoint_resumes_at_vpp_and_at_pp1",
+    "optimizer.unpadded_param_index_maps": "tests/test_train.py::test_mtp_at_pp2_resumes_bit_identically[distopt]",
+    "optimizer.torch_adam_step": "tests/test_train.py::test_mtp_at_pp2_resumes_bit_identically[distopt]",
+}
+HEAVY = {"mtp.cp_global_token_counts", "optimizer.empty_expert_optimizer_step", "optimizer.unpadded_param_index_maps",
+         "optimizer.torch_adam_step", "cpu.uneven_collectives"}
+
+
+def test_every_patch_has_a_removal_test():
+    from model import adapt
+
+    assert set(REMOVAL) == {p.name for p in adapt.PATCHES}
+
+
+def _removal_params():
+    return [pytest.param(name, node, id=name, marks=[pytest.mark.slow] if name in HEAVY else [])
+            for name, node in REMOVAL.items()]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name,node", _removal_params())
+def test_removing_a_patch_fails_its_scenario(name, node):
+    """The next Megatron-Core upgrade runs this first: a patch whose scenario passes without it is no longer needed."""
+    from model import adapt
+
+    env = adapt.environment("cpu")
+    patch = next(p for p in adapt.PATCHES if p.name == name)
+    if not patch.needed(env):
+        pytest.skip(f"{name} is not needed in this environment ({env}); its removal cannot be shown here")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+                           node], cwd=root, env={**os.environ, "FOLDTRON_ADAPT_SKIP": name},
+                          capture_output=True, text=True, timeout=1500)
+    tail = proc.stdout[-3000:]
+    assert proc.returncode == 1, f"without {name}, {node} should fail (exit 1), got exit {proc.returncode}:\n{tail}"
+    last = tail.strip().splitlines()[-1]
+    assert "failed" in last or "error" in last, tail  # a failing test, or its fixture (exit 1 either way)

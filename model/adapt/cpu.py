@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
 _FACTORIES = (
     "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "linspace", "eye",
     "rand", "randn", "randint", "randperm", "empty_like", "zeros_like", "ones_like", "full_like",
