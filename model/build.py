@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import Tensor
 
 from .config import ModelConfig
 from .pattern import parse_pattern, pipeline_chunks

@@ -39,8 +39,9 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from .adapt.mamba_mixer import CPUMambaMixer
 from .backend import Backend
-from .layers import CPUMambaMixer, LatentMoELayer, LayerNormColumnParallelLinear, TorchNorm
+from .layers import LatentMoELayer, LayerNormColumnParallelLinear, TorchNorm
 
 
 class HybridStack(_UpstreamHybridStack):
@@ -76,7 +77,7 @@ def _leaves(backend: Backend) -> dict:
         from .backend import resolve_backend
 
         if resolve_backend("local").mamba_kernels == "mamba-ssm":
-            from .layers import LocalMambaMixer
+            from .adapt.mamba_mixer import LocalMambaMixer
 
             mixer = LocalMambaMixer
     return dict(ln_linear=LayerNormColumnParallelLinear, row_linear=RowParallelLinear,

@@ -104,9 +104,9 @@ def _exchange_both_ways(_):
     import torch
     import torch.distributed as dist
 
-    from model import mcore_compat
+    from model import adapt
 
-    mcore_compat.apply()
+    adapt.apply("cpu")
     from megatron.core.pipeline_parallel import p2p_communication as p2p
 
     rank, peer = dist.get_rank(), 1 - dist.get_rank()
@@ -121,7 +121,7 @@ def _exchange_both_ways(_):
 
 @pytest.mark.multiproc
 def test_batched_p2p_pairs_activations_and_gradients_on_gloo():
-    """Without the mcore_compat tagging, gloo delivered the gradient into recv_prev and the activation into
+    """Without the adaptation layer's tagging (cpu.batched_p2p_tags), gloo delivered the gradient into recv_prev and the activation into
     recv_next (posting order), and pp2-vpp2 trained on swapped tensors."""
     got = run_on_ranks(_exchange_both_ways, 2, None, timeout=120)
     assert got == [(11.0, 21.0), (10.0, 20.0)]
