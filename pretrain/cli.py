@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="foldtron", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every warning, including the known-harmless Megatron-Core/torch ones Foldtron "
+                             "silences by their exact message (model/adapt/warnings.py)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -48,6 +51,10 @@ def _is_user_error(e: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        import os
+
+        os.environ["FOLDTRON_VERBOSE"] = "1"  # children (torchrun-style ranks, sbatch jobs) inherit it
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -86,12 +86,19 @@ class TrainLogger:
             self.writer = None
 
 
+def _throughput(tflops: float) -> str:
+    """Megatron's TFLOP/s/GPU on GPUs; CPUs reach GFLOP/s, which '0.000' would hide."""
+    if tflops >= 0.1:
+        return f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}"
+    return f"throughput per device (GFLOP/s): {tflops * 1e3:.3f}"
+
+
 def stdout_line(stage: str, it: int, total: int, v: dict) -> str:
     """Megatron's per-interval line, with the stage in front."""
     parts = [f" [{stage}] iteration {it:8d}/{total:8d}",
              f"consumed tokens: {int(v['consumed-tokens']):12d}",
              f"elapsed time per iteration (ms): {v['iteration-time'] * 1000:.1f}",
-             f"throughput per GPU (TFLOP/s/GPU): {v['throughput']:.3f}",
+             _throughput(v["throughput"]),
              f"tokens per sec: {v['tokens-per-sec']:.1f}",
              f"learning rate: {v['learning-rate']:.6E}",
              f"global batch size: {int(v['batch-size']):5d}",

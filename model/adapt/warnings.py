@@ -16,6 +16,11 @@ KNOWN: tuple[tuple[type[Warning], str, str], ...] = (
     (DeprecationWarning, r".*", "third-party deprecations (Megatron-Core, torch, setuptools) are upstream's to fix"),
     (FutureWarning, r".*torch\.(cuda\.amp|distributed\._shard|utils\._pytree).*", "torch API moves inside Megatron-Core"),
     (UserWarning, r"No CUDA runtime is found.*", "CPU machines with the PyPI (CUDA) torch build"),
+    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_modules to capture the whole layer\.",
+     "TransformerConfig re-validates its own default CUDA-graph scope (transformer_config.py:2415); no CUDA graphs"),
+    (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base|"
+     r"_reduce_scatter_base)` is deprecated.*", "collectives Megatron-Core calls; torch keeps them working"),
+    (UserWarning, r"MCore's async save is deprecated.*", "Foldtron saves synchronously through dist_checkpointing"),
 )
 # Log records (Megatron-Core logs through `logging`, some at WARNING on every layer).
 KNOWN_LOGS: tuple[str, ...] = (
@@ -23,6 +28,7 @@ KNOWN_LOGS: tuple[str, ...] = (
     r"Rewrapping ModuleSpec with module",
     r"HybridModel: pp_rank=",
     r"No CUDA runtime is found",
+    r"MCore's async save is deprecated",
 )
 _INSTALLED = False
 
@@ -50,7 +56,8 @@ def install() -> None:
     flt = _KnownLogs()
     # A logger's filters see only records logged on it (not its children's): name the emitting modules.
     for name in ("megatron.core.models.hybrid.hybrid_layer_allocation", "megatron.core.models.hybrid.hybrid_model",
-                 "megatron.core.transformer.transformer_layer", "torch.utils.cpp_extension"):
+                 "megatron.core.transformer.transformer_layer", "megatron.core.dist_checkpointing.strategies.torch",
+                 "torch.utils.cpp_extension"):
         logging.getLogger(name).addFilter(flt)
     for handler in logging.getLogger().handlers:
         handler.addFilter(flt)
