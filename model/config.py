@@ -9,6 +9,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from .fielddocs import documented
+
 #: The layer alphabet of Nemotron-H / Nemotron 3 (Megatron-Core `Symbols` in `ssm/mamba_hybrid_layer_allocation.py`).
 LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 
@@ -34,43 +36,43 @@ def check_pattern(pattern: str, field: str, num_layers: Optional[int] = None) ->
     return pattern
 
 
+@documented
 class ModelConfig(StrictModel):
     """Architecture of a hybrid Mamba-2 / attention / MoE decoder (Nemotron-H, Nemotron 3)."""
 
-    # Layer layout: one symbol per layer, M=Mamba-2, *=attention, E=MoE, -=dense MLP.
-    hybrid_override_pattern: str = "M*-E"
-    num_layers: int = 4
-    hidden_size: int = 64
-    vocab_size: int = 512
+    hybrid_override_pattern: str = "M*-E"  # one symbol per layer: M=Mamba-2, *=attention, E=MoE, -=dense MLP
+    num_layers: int = 4  # decoder layers; must equal len(hybrid_override_pattern)
+    hidden_size: int = 64  # model width (Nano 2688, Super 4096)
+    vocab_size: int = 512  # tokenizer vocabulary (Nemotron 3: 131072)
     # Attention (GQA, no positional encoding in Nemotron-H/3).
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
+    num_attention_heads: int = 4  # query heads per attention layer
+    num_query_groups: int = 2  # KV heads (GQA groups)
     kv_channels: int = 16  # head dim
     # Dense MLP ('-') width; squared ReLU, no gate.
     ffn_hidden_size: int = 128
     # Mamba-2.
-    mamba_num_heads: int = 4
-    mamba_head_dim: int = 16
-    mamba_state_dim: int = 16
-    mamba_num_groups: int = 2
-    mamba_conv_kernel: int = 4
-    mamba_chunk_size: int = 8
+    mamba_num_heads: int = 4  # SSM heads
+    mamba_head_dim: int = 16  # channels per SSM head
+    mamba_state_dim: int = 16  # SSM state size N (Nemotron 3: 128)
+    mamba_num_groups: int = 2  # B/C groups (Nemotron 3: 8)
+    mamba_conv_kernel: int = 4  # causal depthwise conv width
+    mamba_chunk_size: int = 8  # SSD scan chunk length (GPU kernels: 128 or 256)
     # MoE ('E' layers).
-    num_moe_experts: int = 4
-    moe_router_topk: int = 2
-    moe_ffn_hidden_size: int = 64
+    num_moe_experts: int = 4  # routed experts per MoE layer
+    moe_router_topk: int = 2  # experts per token
+    moe_ffn_hidden_size: int = 64  # width of each routed expert
     moe_shared_expert_intermediate_size: Optional[int] = 64  # None: no shared expert
     moe_latent_size: Optional[int] = None  # LatentMoE: dispatch in this dimension (Super: 1024)
     moe_router_topk_scaling_factor: float = 2.5  # top-k weights normalized then scaled (Nano 2.5, Super 5.0)
     moe_router_bias_update_rate: float = 1e-3  # aux-loss-free expert-bias update rate
     moe_aux_loss_coeff: float = 1e-4  # sequence-level aux loss
     # Multi-token prediction: one shared block with its own pattern, applied mtp_num_layers times.
-    mtp_num_layers: int = 0
-    mtp_hybrid_override_pattern: Optional[str] = None
-    mtp_loss_scaling_factor: float = 0.3
+    mtp_num_layers: int = 0  # MTP depths D (0: no MTP; Super: 2)
+    mtp_hybrid_override_pattern: Optional[str] = None  # the shared block's layer pattern (Super: "*E")
+    mtp_loss_scaling_factor: float = 0.3  # weight of the mean MTP loss in the training loss
     # Numerics / init.
-    layernorm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
+    layernorm_epsilon: float = 1e-5  # RMSNorm epsilon
+    init_method_std: float = 0.02  # std of the normal weight init
     max_position_embeddings: int = 4096  # informational: Nemotron-H uses no positional encoding
 
     @model_validator(mode="after")

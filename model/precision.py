@@ -11,10 +11,16 @@ from typing import Any, Literal, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .fielddocs import documented
+
 Format = Literal["fp32", "bf16", "mxfp8", "nvfp4"]
 
 
+@documented
 class PrecisionConfig(BaseModel):
+    """Numerics of a stage: the recipe (fp32 / bf16 / mxfp8 / nvfp4, emulated or through Transformer Engine) and
+    which modules keep BF16."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # Default format of every linear not carved out below. "bf16"/"fp32" disables low precision entirely.

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.fielddocs import documented
+
 if TYPE_CHECKING:  # model/ is imported lazily: the layout alone must load without Megatron-Core
     from model.config import ModelConfig
 
@@ -28,7 +30,11 @@ class LayoutError(ValueError):
             + "\n".join(f"  - {p}" for p in problems))
 
 
+@documented
 class ParallelLayout(BaseModel):
+    """How one stage is laid out over the ranks: dense parts on TP x CP x DP x PP, experts folded onto
+    ETP x EP x EDP x PP over the same ranks (MoE parallel folding)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     tp: int = Field(1, ge=1)  # tensor parallel

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config import ModelConfig
+from model.fielddocs import documented
 from model.precision import PrecisionConfig
 from model.presets import preset_fields
 from parallel.layout import ParallelLayout
@@ -27,7 +28,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+@documented
 class DataConfig(_Section):
+    """Where training data comes from: shards, curriculum and tokenizer (or synthetic tokens)."""
+
     # Directory of webdataset shards + manifests written by `foldtron shards`.
     shards_dir: Optional[str] = None
     # Curriculum YAML (phases, token budgets, blend weights); None: one phase over all sources, equal weight.
@@ -40,14 +44,15 @@ class DataConfig(_Section):
     mock: bool = False
 
 
+@documented
 class TrainConfig(_Section):
     """Optimizer, LR schedule and batch: Megatron-LM argument names."""
 
-    seq_length: int = Field(256, ge=1)
-    micro_batch_size: int = Field(1, ge=1)
-    global_batch_size: int = Field(8, ge=1)
-    train_iters: int = Field(100, ge=0)
-    seed: int = 1234
+    seq_length: int = Field(256, ge=1)  # tokens per sample (packed)
+    micro_batch_size: int = Field(1, ge=1)  # samples per forward pass per data-parallel rank
+    global_batch_size: int = Field(8, ge=1)  # samples per optimizer step, over all data-parallel ranks
+    train_iters: int = Field(100, ge=0)  # optimizer steps of the run (a stage sets its own)
+    seed: int = 1234  # model init and dropout RNG (tracker seeds per TP rank from it)
     # AdamW (Nemotron 3: beta 0.9/0.95, eps 1e-8, wd 0.1), FP32 master weights and states.
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(3e-4, gt=0)
@@ -82,43 +87,53 @@ class TrainConfig(_Section):
         return self
 
 
+@documented
 class StageConfig(_Section):
     """One stage of the schedule (phase 1, phase 2, long context); unset fields inherit the run's."""
 
-    name: str
+    name: str  # the stage's name: its checkpoints live in <checkpoint.save>/<name>
     phase: Optional[str] = None  # curriculum phase this stage draws from
-    train_iters: int = Field(..., ge=1)
-    seq_length: Optional[int] = Field(None, ge=1)
-    micro_batch_size: Optional[int] = Field(None, ge=1)
-    global_batch_size: Optional[int] = Field(None, ge=1)
-    lr: Optional[float] = Field(None, gt=0)
-    min_lr: Optional[float] = Field(None, ge=0)
-    lr_warmup_iters: Optional[int] = Field(None, ge=0)
-    lr_decay_style: Optional[Literal["constant", "cosine", "linear", "WSD"]] = None
-    lr_wsd_decay_iters: Optional[int] = Field(None, ge=1)
-    lr_wsd_decay_style: Optional[Literal["minus_sqrt", "cosine", "linear", "exponential"]] = None
+    train_iters: int = Field(..., ge=1)  # optimizer steps of this stage
+    seq_length: Optional[int] = Field(None, ge=1)  # None: train.seq_length
+    micro_batch_size: Optional[int] = Field(None, ge=1)  # None: train.micro_batch_size
+    global_batch_size: Optional[int] = Field(None, ge=1)  # None: train.global_batch_size
+    lr: Optional[float] = Field(None, gt=0)  # None: train.lr
+    min_lr: Optional[float] = Field(None, ge=0)  # None: train.min_lr
+    lr_warmup_iters: Optional[int] = Field(None, ge=0)  # None: train.lr_warmup_iters
+    lr_decay_style: Optional[Literal["constant", "cosine", "linear", "WSD"]] = None  # None: train.lr_decay_style
+    lr_wsd_decay_iters: Optional[int] = Field(None, ge=1)  # None: train.lr_wsd_decay_iters
+    lr_wsd_decay_style: Optional[Literal["minus_sqrt", "cosine", "linear", "exponential"]] = None  # None: train's
     parallel: Optional[ParallelLayout] = None  # e.g. CP for long context
-    precision: Optional[PrecisionConfig] = None
+    precision: Optional[PrecisionConfig] = None  # None: the run's precision section
 
 
+@documented
 class CheckpointConfig(_Section):
+    """Where checkpoints are written and read, how often, and how many are kept."""
+
     save: Optional[str] = None  # run directory for checkpoints; None: no checkpoints
     load: Optional[str] = None  # resume from here (default: `save` when it holds a checkpoint)
-    save_interval: int = Field(100, ge=1)
+    save_interval: int = Field(100, ge=1)  # iterations between checkpoints (and at each stage's end)
     keep_last: int = Field(2, ge=1)  # older checkpoints are deleted after a successful save
     # Exit code for "saved on a signal, requeue me" (Slurm chains read it; see examples/slurm).
     requeue_exit_code: int = Field(3, ge=1, le=255)
 
 
+@documented
 class LoggingConfig(_Section):
-    log_interval: int = Field(1, ge=1)
-    tensorboard_dir: Optional[str] = None
-    log_moe_expert_load: bool = True
+    """Stdout and TensorBoard logging."""
+
+    log_interval: int = Field(1, ge=1)  # iterations between stdout/TensorBoard lines
+    tensorboard_dir: Optional[str] = None  # TensorBoard event files; None: no TensorBoard
+    log_moe_expert_load: bool = True  # log max/mean tokens per expert for every MoE layer
     # Peak TFLOP/s per device for 'mfu'; None: datasheet BF16 peak of known GPUs, else a measured GEMM peak (CPU).
     peak_tflops_per_device: Optional[float] = Field(None, gt=0)
 
 
+@documented
 class RunConfig(_Section):
+    """One run: model, layout, precision, data, schedule (stages), checkpoints and logging."""
+
     backend: Literal["auto", "te", "local", "cpu"] = Field(
         "auto", description="compute backend: te (Transformer Engine on CUDA), local (Megatron-Core local layers "
         "on CUDA, mamba-ssm kernels when present), cpu (gloo; tests, laptops); auto picks te > local > cpu by what "
@@ -128,7 +143,7 @@ class RunConfig(_Section):
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    stages: list[StageConfig] = Field(default_factory=list)
+    stages: list[StageConfig] = Field(default_factory=list)  # the schedule in order; empty: one stage from `train`
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            description="Print the run config after presets and overrides, as YAML (or JSON).")
     add_config_args(show)
     show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.add_argument("--explain", action="store_true",
+                      help="print every field with its meaning and default, from the schema's own documentation")
     show.set_defaults(func=_show)
 
 
@@ -26,5 +28,10 @@ def _show(args: argparse.Namespace) -> int:
     from pretrain.config import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.explain:
+        from model.fielddocs import explain
+
+        print("\n".join(explain(cfg)))
+        return 0
     print(json.dumps(cfg.model_dump(mode="json"), indent=2) if args.json else dump_config(cfg), end="")
     return 0
