@@ -309,7 +309,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     from parallel import groups
-    from pretrain.flops import train_flops_per_token
+    from model.counting import forward_flops
     from pretrain.optimizer import params_norm
     from pretrain.tensorboard_log import TrainLogger, memory_scalars, peak_tflops, stdout_line
 
@@ -369,7 +369,8 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
         is_last = dist.get_rank() == world - 1
         logger = TrainLogger(cfg.logging.tensorboard_dir, is_last, stage.name)
         tokens_per_iter = t.global_batch_size * t.seq_length
-        flops_per_iter = train_flops_per_token(cfg.model, t.seq_length) * tokens_per_iter
+        # The one FLOP model (model/counting.py, held to torch's FlopCounterMode): the planner's MFU uses it too.
+        flops_per_iter = forward_flops(cfg.model, t.seq_length)["training_total"] * tokens_per_iter
         peak, peak_src = peak_tflops(cfg.logging.peak_tflops_per_device,
                                      torch.float32 if stage.precision.recipe == "fp32" else torch.bfloat16)
         n_moe = cfg.model.all_symbols.count("E") if cfg.model.mtp_num_layers else cfg.model.hybrid_override_pattern.count("E")
@@ -497,10 +498,9 @@ def run_training(cfg: RunConfig, *, model_provider: Optional[ModelProvider] = No
     `summary["exit_code"]` is 0 when all stages completed, `checkpoint.requeue_exit_code` after a signal or
     the exit-duration limit (the state is saved; run the same command again to continue)."""
     from model import adapt
+    from model.backend import resolve_backend
     from pretrain.launch import init_distributed
     from pretrain.signals import StopRequests
-
-    from model.backend import resolve_backend
 
     backend = resolve_backend(cfg.backend)  # a backend that is not installed: an error before any process group
     adapt.apply(backend.name)
