@@ -38,6 +38,18 @@ def _mcore(backend: Optional[str] = None):
     adapt.apply(backend)
 
 
+def _te_backend() -> bool:
+    from . import adapt
+
+    return adapt.active_backend() == "te"
+
+
+def _on_cpu() -> bool:
+    from . import adapt
+
+    return adapt.current_device().type == "cpu"
+
+
 def transformer_config(cfg: ModelConfig, **parallel_kwargs: Any):
     """Megatron-Core TransformerConfig for `cfg`; `parallel_kwargs` are TransformerConfig/ModelParallelConfig
     fields (tensor_model_parallel_size, expert_model_parallel_size, sequence_parallel, bf16, params_dtype, ...)."""
@@ -73,7 +85,8 @@ def transformer_config(cfg: ModelConfig, **parallel_kwargs: Any):
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        # Megatron-Core creates parameters on the CPU only for the cpu backend; on GPUs on the current device.
+        use_cpu_initialization=_on_cpu(),
     )
     if has_moe:
         kw.update(
@@ -92,7 +105,9 @@ def transformer_config(cfg: ModelConfig, **parallel_kwargs: Any):
             moe_router_load_balancing_type="seq_aux_loss",
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
             moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=torch.cuda.is_available(),
+            # TEGroupedMLP on the te backend; the local spec builds SequentialMLP, so say so (audit: "config says
+            # grouped GEMM while the local spec builds SequentialMLP").
+            moe_grouped_gemm=_te_backend(),
             moe_shared_expert_overlap=False,
         )
     if cfg.mtp_num_layers:

@@ -84,12 +84,16 @@ def params_norm(model: Sequence) -> float:
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
 
-    dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    from model.adapt import current_device
+
+    device = current_device()  # the all-reduces below run on the backend's device (NCCL takes no CPU tensors)
+    dense = torch.zeros((), dtype=torch.float64, device=device)
+    expert = torch.zeros((), dtype=torch.float64, device=device)
     for chunk in model:
         for p in chunk.parameters():
             if not (param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)):
                 continue
-            sq = p.detach().double().pow(2).sum()
+            sq = p.detach().double().pow(2).sum().to(device)
             if getattr(p, "allreduce", True):
                 dense += sq
             else:

@@ -90,7 +90,10 @@ class StopRequests:
             local = 1
         if self.limit_s is not None and time.time() - self.start > self.limit_s:
             local = max(local, 2)
-        flag = torch.tensor([local], dtype=torch.int32)
+        from model.adapt import current_device
+
+        # On the backend's device: NCCL has no CPU tensors (gloo takes either).
+        flag = torch.tensor([local], dtype=torch.int32, device=current_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         code = int(flag.item())

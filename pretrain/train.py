@@ -180,6 +180,18 @@ def make_telemetry(stage: Stage):
     return QuantTelemetry(prec.telemetry_interval)
 
 
+def place_on_device(chunk: torch.nn.Module) -> torch.nn.Module:
+    """Megatron-LM's get_model moves every chunk to the current GPU (`model_module.cuda(torch.cuda.current_device())`,
+    megatron/training/training.py): Megatron-Core's own parameters are made there already, Foldtron's and any a
+    provider makes elsewhere are not. On the cpu backend everything is on the CPU."""
+    from model.adapt import current_device
+
+    device = current_device()
+    if device.type != "cpu":
+        chunk.to(device)
+    return chunk
+
+
 def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None):
     """The stage's model chunk(s), DDP-wrapped, with optimizer and scheduler.
 
@@ -212,6 +224,7 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
                          post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
                          parallel_kwargs=parallel_kwargs(stage), precision=build_precision, **extra)
         chunk.config.calculate_per_token_loss = True
+        place_on_device(chunk)
         if lowp:
             # The chunk already computes in BF16: BF16-policy linears need no emulated rounding.
             apply_precision(chunk, stage.precision, num_layers=cfg.model.num_layers, seed=stage.train.seed,
@@ -308,8 +321,8 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-    from parallel import groups
     from model.counting import forward_flops
+    from parallel import groups
     from pretrain.optimizer import params_norm
     from pretrain.tensorboard_log import TrainLogger, memory_scalars, peak_tflops, stdout_line
 

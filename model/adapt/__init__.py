@@ -201,7 +201,7 @@ def on_cpu() -> bool:
 
 
 def current_device() -> torch.device:
-    """The device the active backend's tensors live on."""
-    if on_cpu() or not torch.cuda.is_available():
+    """The device the active backend's tensors live on (before `apply`: the backend `auto` would pick)."""
+    if on_cpu() or resolve_backend(active_backend()).device == "cpu":
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
