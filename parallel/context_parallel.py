@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+
 def chunk_order(cp_size: int) -> list[int]:
     """Chunk ids in the order the CP ranks hold them, rank 0 first: [0, 2cp-1, 1, 2cp-2, ...]."""
     return [c for r in range(cp_size) for c in (r, 2 * cp_size - 1 - r)]
