@@ -19,7 +19,7 @@ from .rounding import E4M3_MAX, check_finite, e8m0_rcp, e8m0_to_float, float_to_
 
 BLOCK = 32
 _F32 = torch.float32
-_MAX_NORM_RCP = torch.tensor(1.0 / 448.0, dtype=_F32)
+_MAX_NORM_RCP = torch.tensor(1.0 / 448.0, dtype=_F32, device="cpu")  # host constant, moved at use
 
 
 @dataclass

@@ -38,9 +38,10 @@ TILE_2D: Tile = (16, 16)
 
 _F32 = torch.float32
 # fp32 constants exactly as the CUDA code forms them: 1.0f/6.0f (float division) and (float)(1.0/(6.0*448.0)).
-_RCP_6 = torch.tensor(1.0, dtype=_F32) / torch.tensor(6.0, dtype=_F32)
-_DEQ_FACTOR = torch.tensor(1.0 / (6.0 * 448.0), dtype=_F32)
-_ENC_NUM = torch.tensor(E4M3_MAX * E2M1_MAX, dtype=_F32)  # 2688, exact
+# Host constants (device="cpu"), moved to the operand's device at each use.
+_RCP_6 = torch.tensor(1.0, dtype=_F32, device="cpu") / torch.tensor(6.0, dtype=_F32, device="cpu")
+_DEQ_FACTOR = torch.tensor(1.0 / (6.0 * 448.0), dtype=_F32, device="cpu")
+_ENC_NUM = torch.tensor(E4M3_MAX * E2M1_MAX, dtype=_F32, device="cpu")  # 2688, exact
 
 
 @dataclass

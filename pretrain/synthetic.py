@@ -67,8 +67,10 @@ class SyntheticLoader:
         return {
             "tokens": rows_t[:, :-1].contiguous(),
             "labels": rows_t[:, 1:].contiguous(),
-            "loss_mask": torch.ones(self.micro_batch_size, self.seq_length, dtype=torch.float32),
-            "position_ids": torch.arange(self.seq_length).unsqueeze(0).expand(self.micro_batch_size, -1).contiguous(),
+            # Host-side batch, like the shard loader's: the forward step moves it to the backend's device.
+            "loss_mask": torch.ones(self.micro_batch_size, self.seq_length, dtype=torch.float32, device="cpu"),
+            "position_ids": torch.arange(self.seq_length, device="cpu").unsqueeze(0)
+            .expand(self.micro_batch_size, -1).contiguous(),
         }
 
     def __iter__(self) -> Iterator[dict]:
