@@ -171,3 +171,71 @@ def build_default_corpus(out_dir: str | Path, man_root: str | Path = "/usr/share
     path.write_text("# The quickstart's embedded corpus (data_pipeline/corpus.py); replace with your own sources.\n"
                     + yaml.safe_dump({"sources": sources}, sort_keys=False))
     return path
+
+
+# --- labelled sets for the quickstart's quality classifiers -----------------------------------------------------
+
+def _shuffled(text: str, seed: int) -> str:
+    import random
+
+    r = random.Random(seed)
+    paras = []
+    for para in text.split("\n\n"):
+        words = para.split()
+        r.shuffle(words)
+        paras.append(" ".join(words))
+    return "\n\n".join(paras)
+
+
+def _signature_listing(path: Path, rel: str) -> str | None:
+    """Machine-made boilerplate from a module's code: one line per public def/class with its arguments, as an
+    API index generator would print it; no explanation."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            args = ", ".join(a.arg for a in node.args.args)
+            lines.append(f"{node.name} (function) {rel[:-3]}.{node.name}({args}) returns value see also {rel}")
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            lines.append(f"{node.name} (class) {rel[:-3]}.{node.name} bases: "
+                         f"{', '.join(ast.unparse(b) for b in node.bases) or 'object'} module {rel}")
+    return "\n".join(lines) if len(lines) >= 5 else None
+
+
+def write_quality_sets(out_dir: str | Path) -> dict[str, Any]:
+    """Labelled JSONL for two small quality classifiers, derived from the embedded corpus. What the labels mean:
+      fluency   positive: the reference-manual topics shipped in `pydoc_data` (human-written prose);
+                negative: the same topics with every paragraph's words shuffled (same words, no language).
+      prose     positive: the same reference topics; negative: API listings generated from the stdlib's code
+                (one line per public def/class and its arguments: machine-made boilerplate, no explanation).
+    Neither is a judgement of "quality" in general: they score how much a document reads like the reference
+    manual's explanatory prose. The topics are also in the `python_docs` source, so those documents are scored
+    by classifiers that saw them in training (the held-out metrics are on documents they did not see)."""
+    import pydoc_data.topics as topics
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prose = [topics.topics[k] for k in sorted(topics.topics) if len(topics.topics[k].split()) >= 50]
+    root = stdlib_dir()
+    listings = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if _matches(rel, CODE_INCLUDE, CODE_EXCLUDE):
+            doc = _signature_listing(path, rel)
+            if doc:
+                listings.append(doc)
+    sets = {"reference_prose": prose, "shuffled_prose": [_shuffled(t, i) for i, t in enumerate(prose)],
+            "api_listings": listings}
+    paths = {}
+    for name, texts in sets.items():
+        p = out / f"{name}.jsonl"
+        tmp = p.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+        tmp.replace(p)
+        paths[name] = str(p)
+    return {"paths": paths, "documents": {k: len(v) for k, v in sets.items()}}

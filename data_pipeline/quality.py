@@ -287,23 +287,33 @@ def _held_out(text: str, frac: float) -> bool:
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little") / 2**64 < frac
 
 
-def _fit(args: dict, model_path: str) -> str | None:
-    try:
-        _fasttext().train_supervised(**args).save_model(model_path)
-    except RuntimeError as e:  # fastText's DenseMatrix::EncounteredNaNError
-        return str(e)
-    return None
+_FIT = """
+import json, sys
+import fasttext
+fasttext.FastText.eprint = lambda *a, **k: None
+args, path = json.loads(sys.argv[1]), sys.argv[2]
+try:
+    fasttext.train_supervised(**args).save_model(path)
+except RuntimeError as e:  # fastText's DenseMatrix::EncounteredNaNError
+    print(json.dumps(str(e)))
+    sys.exit(3)
+"""
 
 
 def _fit_in_fresh_process(args: dict, model_path: str) -> str | None:
-    """Train in a new process: fastText 0.9.x keeps state between trainings in one process (the same data and
-    seed give other model bytes, or NaN, when something was trained before), so each training starts clean and
-    is a deterministic function of its inputs."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    """Train in a new interpreter; None on success, else fastText's error. fastText 0.9.x keeps state between
+    trainings in one process (the same data and seed give other model bytes, or NaN, when something was trained
+    before), so each training starts clean and is a deterministic function of its inputs. A plain subprocess
+    rather than multiprocessing: nothing of the caller's __main__ is re-imported."""
+    import subprocess
+    import sys
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
-        return ex.submit(_fit, args, model_path).result()
+    r = subprocess.run([sys.executable, "-c", _FIT, json.dumps(args), model_path], capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    if r.returncode == 3:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    raise QualityError(f"fastText training of {model_path} died (exit code {r.returncode}): {r.stderr.strip()[-500:]}")
 
 
 def train_classifier(positive: list[str | os.PathLike], negative: list[str | os.PathLike],

@@ -2,7 +2,8 @@
 
 Each step writes its outputs under --output and a record in `<output>/quickstart/<step>.json`; a rerun reuses
 finished steps (delete a step's record, or pass --fresh, to redo it). Steps run in order:
-corpus -> curate -> tokenizer -> shards -> curriculum -> train (3 stages, 4 gloo ranks) -> export -> generate.
+corpus -> classifiers -> curate (langid, 2 quality classifiers, buckets) -> tokenizer -> shards -> curriculum
+-> train (3 stages, 4 gloo ranks) -> export -> generate.
 """
 from __future__ import annotations
 
@@ -61,11 +62,37 @@ class Quickstart:
         names = [s["name"] for s in yaml.safe_load(sources.read_text())["sources"]]
         return {"sources_yaml": str(sources), "sources": names}
 
-    def curate(self) -> dict:
-        from data_pipeline.curate import run_curation
+    def classifiers(self) -> dict:
+        """Two small fastText classifiers from labelled sets derived from the corpus (`write_quality_sets` says
+        what the labels mean: how much a document reads like the reference manual's prose, not quality at
+        large)."""
+        from data_pipeline.corpus import write_quality_sets
+        from data_pipeline.quality import train_classifier
 
-        report = run_curation(self.results["corpus"]["sources_yaml"], self.output / "curate", cpus=self.cpus,
-                              progress=True)
+        sets = write_quality_sets(self.output / "classifiers" / "data")
+        p = sets["paths"]
+        out = {"documents": sets["documents"], "models": {}}
+        for name, negative in (("fluency", "shuffled_prose"), ("prose", "api_listings")):
+            m = train_classifier([p["reference_prose"]], [p[negative]], self.output / "classifiers" / f"{name}.bin")
+            out["models"][name] = {k: m[k] for k in ("model", "precision", "recall", "held_out_docs")}
+        return out
+
+    def curate_config(self) -> dict:
+        """Heuristic filters and dedup at their defaults, English kept by langid, the prose sources scored by both
+        classifiers (mean) into two buckets: `<source>_hq` (score >= 16 of 0..19) and `<source>_mq`. The prose
+        classifier calls nearly all of them prose (p ~ 1), so the split is mostly the fluency score: how much a
+        document reads like the reference manual's ordered prose."""
+        models = self.results["classifiers"]["models"]
+        return {"langid": {"enabled": True, "keep": ["en"]},
+                "quality": {"classifiers": [{"name": n, "path": m["model"]} for n, m in models.items()],
+                            "combine": "mean", "buckets": [{"name": "hq", "min_score": 16},
+                                                           {"name": "mq", "min_score": 0}]}}
+
+    def curate(self) -> dict:
+        from data_pipeline.curate import CurateConfig, run_curation
+
+        report = run_curation(self.results["corpus"]["sources_yaml"], self.output / "curate",
+                              CurateConfig.model_validate(self.curate_config()), cpus=self.cpus, progress=True)
         per_source = {s: {"input": v["input"]["docs"], "kept": v["kept"]["docs"]}
                       for s, v in report.get("sources", {}).items()}
         return {"curated_dir": str(self.output / "curate" / "curated"),
@@ -74,7 +101,9 @@ class Quickstart:
                 "exact_duplicates": report["exact_duplicates"]["docs"],
                 "fuzzy_duplicates": report["fuzzy_duplicates"]["docs"],
                 "filtered_docs": sum(v["docs"] for v in report["filtered"].values()),
-                "filtered_by_reason": {k: v["docs"] for k, v in report["filtered"].items()}, "per_source": per_source}
+                "filtered_by_reason": {k: v["docs"] for k, v in report["filtered"].items()}, "per_source": per_source,
+                "buckets": {k: v["docs"] for k, v in report["kept_by_bucket"].items()},
+                "languages": {k: v["docs"] for k, v in report["languages"].items()}}
 
     def tokenizer(self) -> dict:
         from data_pipeline.sources import iter_curated
@@ -108,8 +137,10 @@ class Quickstart:
         prose = [s for s in sources if s != code]
         g, s = self.global_batch_size, self.seq_length
         p1, p2, p3 = self.steps, max(2, self.steps // 2), max(2, self.steps // 4)
-        phase1 = {code: 0.4, **{p: 0.6 / len(prose) for p in prose}}  # diversity
-        phase2 = {code: 0.2, **{p: 0.8 / len(prose) for p in prose}}  # quality: more prose
+        phase1 = {code: 0.4, **{p: 0.6 / len(prose) for p in prose}}  # diversity: every bucket alike
+        # quality: more prose, and within it the high-quality buckets weighted 3:1 over the medium ones
+        pw = {p: 3.0 if p.endswith("_hq") else 1.0 for p in prose}
+        phase2 = {code: 0.2, **{p: 0.8 * w / sum(pw.values()) for p, w in pw.items()}}
         spec = {
             "name": "quickstart",
             "max_epochs": None,
@@ -221,7 +252,8 @@ class Quickstart:
     # ------------------------------------------------------------------------------------------ the run
     def run(self) -> dict:
         t0 = time.time()
-        for name in ("corpus", "curate", "tokenizer", "shards", "curriculum", "train", "export", "generate"):
+        for name in ("corpus", "classifiers", "curate", "tokenizer", "shards", "curriculum", "train", "export",
+                     "generate"):
             self.run_step(name, getattr(self, name))
         self.results["total_seconds"] = round(time.time() - t0, 1)
         self.log(self.summary())
@@ -238,6 +270,10 @@ class Quickstart:
             f"  curate      {cur['input_docs']} documents in -> {cur['kept_docs']} kept "
             f"({cur['filtered_docs']} filtered, {cur['exact_duplicates']} exact + {cur['fuzzy_duplicates']} fuzzy "
             f"duplicates); report {cur['report']}",
+            f"  buckets     {', '.join(f'{k} {v}' for k, v in cur['buckets'].items())}  (langid: "
+            f"{cur['filtered_by_reason'].get('language', 0)} not English; classifiers fluency + prose, "
+            f"held-out P/R " + ", ".join(f"{n} {m['precision']:.2f}/{m['recall']:.2f}"
+                                         for n, m in r['classifiers']['models'].items()) + ")",
             f"  tokenizer   byte-level BPE, vocab {r['tokenizer'].get('vocab_size')}  ({r['tokenizer']['tokenizer']})",
             f"  shards      {sh['tokens']:,} tokens in "
             f"{sum(v['shards'] for v in sh['sources'].values())} webdataset shards  ({sh['shards_dir']})",

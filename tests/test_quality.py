@@ -288,3 +288,20 @@ def test_config_paths_are_relative_to_the_config_file(models, tmp_path):
         "classifiers": [{"name": "order", "path": "m/order.bin"}], "buckets": [{"name": "all", "min_score": 0}]}}))
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.quality.classifiers[0].path == str(tmp_path / "m" / "order.bin")
+
+
+@pytest.mark.slow
+def test_quickstart_curation_buckets_its_corpus(tmp_path):
+    """The quickstart's own steps up to curation: two classifiers from its corpus, langid, and both buckets of
+    the prose sources populated (the curriculum then blends them)."""
+    from pretrain.quickstart import Quickstart
+
+    q = Quickstart(tmp_path, cpus=1, log=lambda m: None)
+    for step in ("corpus", "classifiers", "curate"):
+        q.run_step(step, getattr(q, step))
+    models = q.results["classifiers"]["models"]
+    assert set(models) == {"fluency", "prose"} and all(m["held_out_docs"] > 0 for m in models.values())
+    cur = q.results["curate"]
+    assert cur["buckets"]["python_docs_hq"] > 0 and cur["buckets"]["python_docs_mq"] > 0
+    assert "python_code" in cur["buckets"] and cur["languages"]["en"] > 0
+    assert sum(cur["buckets"].values()) == cur["kept_docs"]
