@@ -122,6 +122,9 @@ def apply_precision(model: torch.nn.Module, cfg: PrecisionConfig, *, num_layers:
                             name=name, is_mtp=name.startswith("mtp."))
         formats[name] = fmt
         setattr(module, _PATCHED, fmt)
+        if fmt == "fp8":
+            raise ValueError(f"{name}: precision format fp8 (Hopper per-tensor/blockwise FP8) runs through Transformer "
+                             "Engine only (backend=te); the emulation reproduces mxfp8 and nvfp4")
         if fmt == "fp32" or (fmt == "bf16" and not emulate_bf16):
             continue
         seeds = _CallSeeds(seed, index)

@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .fielddocs import documented
 
-Format = Literal["fp32", "bf16", "mxfp8", "nvfp4"]
+#: fp8: Hopper's per-tensor / blockwise-scaled FP8 (TE Float8CurrentScaling / Float8BlockScaling), TE only;
+#: mxfp8 / nvfp4: Blackwell block-scaled formats (TE MXFP8BlockScaling / NVFP4BlockScaling), emulated elsewhere.
+Format = Literal["fp32", "bf16", "fp8", "mxfp8", "nvfp4"]
 
 
 @documented
@@ -61,7 +63,8 @@ class PrecisionConfig(BaseModel):
 #: Module roles by the last component of their Megatron-Core name.
 ROLES = ("linear_qkv", "linear_proj", "in_proj", "out_proj", "linear_fc1", "linear_fc2", "fc1_latent_proj",
          "fc2_latent_proj", "eh_proj", "output_layer", "embedding", "router")
-LOW_PRECISION: tuple[Format, ...] = ("mxfp8", "nvfp4")
+LOW_PRECISION: tuple[Format, ...] = ("fp8", "mxfp8", "nvfp4")
+EMULATED: tuple[Format, ...] = ("mxfp8", "nvfp4")  # kernels/ reproduces these bit-exactly; fp8 runs through TE
 
 
 def role_of(name: str) -> str:

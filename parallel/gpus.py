@@ -29,8 +29,9 @@ class GPUSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
+    compute_capability: float = Field(gt=0)  # CUDA compute capability: MXFP8 and NVFP4 GEMMs need >= 10.0 (Blackwell)
     bf16_tflops: float = Field(gt=0)  # peak dense BF16 tensor-core TFLOP/s
-    fp8_tflops: Optional[float] = Field(None, gt=0)  # peak dense FP8 (MXFP8 on Blackwell); None: no FP8 GEMMs
+    fp8_tflops: Optional[float] = Field(None, gt=0)  # peak dense FP8 (per-tensor/blockwise; MXFP8 on Blackwell)
     fp4_tflops: Optional[float] = Field(None, gt=0)  # peak dense FP4 (NVFP4); None: no FP4 GEMMs (Hopper)
     hbm_gb: float = Field(gt=0)  # HBM capacity, GB (1e9 bytes), as the datasheet prints it
     hbm_tb_s: float = Field(gt=0)  # HBM bandwidth, TB/s
@@ -42,26 +43,33 @@ class GPUSpec(BaseModel):
         """Peak dense TFLOP/s of a GEMM in number format `fmt` (bf16/fp32 run on the BF16 path here)."""
         if fmt in ("bf16", "fp32"):
             return self.bf16_tflops
-        value = {"mxfp8": self.fp8_tflops, "nvfp4": self.fp4_tflops}.get(fmt)
-        if fmt not in ("mxfp8", "nvfp4"):
-            raise ValueError(f"unknown number format {fmt!r}; known: bf16, fp32, mxfp8, nvfp4")
+        if fmt not in ("fp8", "mxfp8", "nvfp4"):
+            raise ValueError(f"unknown number format {fmt!r}; known: bf16, fp32, fp8, mxfp8, nvfp4")
+        # MXFP8 and NVFP4 are Blackwell block-scaled formats (TE: MXFP8BlockScaling / NVFP4BlockScaling need
+        # compute capability >= 10.0); Hopper's FP8 is per-tensor or blockwise scaled (Float8CurrentScaling /
+        # Float8BlockScaling).
+        blackwell = self.compute_capability >= 10.0
+        value = {"fp8": self.fp8_tflops, "mxfp8": self.fp8_tflops if blackwell else None,
+                 "nvfp4": self.fp4_tflops if blackwell else None}[fmt]
         if value is None:
             raise ValueError(f"{self.name} has no {fmt} tensor cores (see parallel/gpus.py); use a precision recipe "
                              f"it supports ({', '.join(self.formats())})")
         return value
 
     def formats(self) -> list[str]:
-        return ["bf16"] + (["mxfp8"] if self.fp8_tflops else []) + (["nvfp4"] if self.fp4_tflops else [])
+        blackwell = self.compute_capability >= 10.0
+        return (["bf16"] + (["fp8"] if self.fp8_tflops else []) + (["mxfp8"] if self.fp8_tflops and blackwell else [])
+                + (["nvfp4"] if self.fp4_tflops and blackwell else []))
 
 
 GPUS: dict[str, GPUSpec] = {
-    "h100": GPUSpec(name="H100 SXM", bf16_tflops=989.5, fp8_tflops=1979.0, fp4_tflops=None, hbm_gb=80.0,
+    "h100": GPUSpec(name="H100 SXM", compute_capability=9.0, bf16_tflops=989.5, fp8_tflops=1979.0, fp4_tflops=None, hbm_gb=80.0,
                     hbm_tb_s=3.35, nvlink_domain=8, nvlink_gb_s=450.0, network_gb_s=50.0),
-    "h200": GPUSpec(name="H200 SXM", bf16_tflops=989.5, fp8_tflops=1979.0, fp4_tflops=None, hbm_gb=141.0,
+    "h200": GPUSpec(name="H200 SXM", compute_capability=9.0, bf16_tflops=989.5, fp8_tflops=1979.0, fp4_tflops=None, hbm_gb=141.0,
                     hbm_tb_s=4.8, nvlink_domain=8, nvlink_gb_s=450.0, network_gb_s=50.0),
-    "b200": GPUSpec(name="B200 (HGX)", bf16_tflops=2250.0, fp8_tflops=4500.0, fp4_tflops=9000.0, hbm_gb=180.0,
+    "b200": GPUSpec(name="B200 (HGX)", compute_capability=10.0, bf16_tflops=2250.0, fp8_tflops=4500.0, fp4_tflops=9000.0, hbm_gb=180.0,
                     hbm_tb_s=8.0, nvlink_domain=8, nvlink_gb_s=900.0, network_gb_s=50.0),
-    "gb200": GPUSpec(name="GB200 (NVL72)", bf16_tflops=2500.0, fp8_tflops=5000.0, fp4_tflops=10000.0, hbm_gb=186.0,
+    "gb200": GPUSpec(name="GB200 (NVL72)", compute_capability=10.0, bf16_tflops=2500.0, fp8_tflops=5000.0, fp4_tflops=10000.0, hbm_gb=186.0,
                      hbm_tb_s=8.0, nvlink_domain=72, nvlink_gb_s=900.0, network_gb_s=50.0),
 }
 

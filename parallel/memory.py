@@ -47,7 +47,7 @@ Profile = Literal["te", "local"]
 
 #: Bytes a linear's saved input takes per element, by number format (TE saves the column-wise quantized copy:
 #: MXFP8 1 byte + one E8M0 scale per 32, NVFP4 half a byte + one E4M3 scale per 16).
-FORMAT_BYTES = {"fp32": 4.0, "bf16": 2.0, "mxfp8": 1.0 + 1 / 32, "nvfp4": 0.5 + 1 / 16}
+FORMAT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "mxfp8": 1.0 + 1 / 32, "nvfp4": 0.5 + 1 / 16}
 
 
 class MemoryOptions(BaseModel):
@@ -131,7 +131,7 @@ def _lowp_params(cfg: ModelConfig, sym: str, index: Optional[int], tp: int, ep: 
 
     def w(role: str, n: float) -> float:
         fmt = linear_format(prec, num_layers=L, layer_index=index, role=role, is_mtp=is_mtp)
-        return 2 * FORMAT_BYTES[fmt] * n if fmt in ("mxfp8", "nvfp4") else 0.0
+        return 2 * FORMAT_BYTES[fmt] * n if fmt in ("fp8", "mxfp8", "nvfp4") else 0.0
 
     if sym == "M":
         di, g, nn, h = cfg.mamba_d_inner, cfg.mamba_num_groups, cfg.mamba_state_dim, cfg.mamba_num_heads

@@ -34,6 +34,7 @@ class SpeedOptions(BaseModel):
     # low-precision fractions lower). Attention core, SSD scan and the router run at the bf16 fraction.
     efficiency_bf16: float = Field(0.55, gt=0, le=1)
     efficiency_mxfp8: float = Field(0.45, gt=0, le=1)
+    efficiency_fp8: float = Field(0.45, gt=0, le=1)  # Hopper FP8 (per-tensor / blockwise scaling)
     efficiency_nvfp4: float = Field(0.35, gt=0, le=1)
     comm_efficiency: float = Field(0.7, gt=0, le=1)  # achieved fraction of link bandwidth by NCCL collectives
     grad_reduce_bytes: float = 4.0  # fp32 gradient reduce-scatter (Megatron's default main-grad dtype)
@@ -58,7 +59,7 @@ _ROLE = {"mamba_proj": "in_proj", "attention_proj": "linear_qkv", "mlp": "linear
 
 
 def _efficiency(fmt: str, so: SpeedOptions) -> float:
-    return {"bf16": so.efficiency_bf16, "fp32": so.efficiency_bf16, "mxfp8": so.efficiency_mxfp8,
+    return {"bf16": so.efficiency_bf16, "fp32": so.efficiency_bf16, "mxfp8": so.efficiency_mxfp8, "fp8": so.efficiency_fp8,
             "nvfp4": so.efficiency_nvfp4}[fmt]
 
 

@@ -42,7 +42,7 @@ def test_super_long_context_cp64_tp2_ep64_at_1m_fits_gb200():
 
 def test_nano_long_context_cp8_tp8_ep8_pp4_fits_h100():
     p, why = _feasible("nano-30b-a3b", ParallelLayout(tp=8, cp=8, ep=8, pp=4, sequence_parallel=True), 256, "h100",
-                       1 << 20, 48, PrecisionConfig(recipe="mxfp8"))
+                       1 << 20, 48, PrecisionConfig(recipe="fp8", mamba_out_proj="fp8"))
     assert p is not None, why
     assert p.memory.in_flight == 4  # 1F1B: the first of 4 stages holds 4 micro-batches
 
@@ -56,7 +56,7 @@ def test_nano_long_context_cp8_tp8_ep8_pp4_fits_h100():
     ("super-120b-a12b", dict(tp=4, ep=8, sequence_parallel=True), 4096, "h100", 8192, 3072),
 ])
 def test_obviously_wrong_layouts_are_out_of_memory(preset, layout, world, gpu, seq, gbs):
-    prec = PrecisionConfig(recipe="mxfp8") if gpu == "h100" else SUPER_NVFP4
+    prec = PrecisionConfig(recipe="fp8", mamba_out_proj="fp8") if gpu == "h100" else SUPER_NVFP4
     p, why = _feasible(preset, ParallelLayout(**layout), world, gpu, seq, gbs, prec)
     assert p is None and why[0].startswith("memory"), why
 
@@ -116,3 +116,18 @@ def test_cli_table_and_json(capsys):
     assert main(["plan", "--preset", "nano-30b-a3b", "--gpus", "64", "--gpu", "h100", "--global-batch", "256",
                  "--precision", "nvfp4"]) == 2
     assert "no nvfp4" in capsys.readouterr().out
+
+
+def test_hopper_formats_are_fp8_not_mxfp8():
+    """TE's MXFP8 and NVFP4 need compute capability >= 10.0: Hopper plans FP8 (per-tensor / blockwise)."""
+    from parallel.gpus import get_gpu
+
+    h200, b200 = get_gpu("h200"), get_gpu("b200")
+    assert h200.formats() == ["bf16", "fp8"]
+    assert b200.formats() == ["bf16", "fp8", "mxfp8", "nvfp4"]
+    with pytest.raises(ValueError, match="no mxfp8"):
+        h200.peak_tflops("mxfp8")
+    from pretrain.commands.plan import _precision
+
+    prec = _precision("auto", h200, 52, None)
+    assert prec.recipe == "fp8" and prec.mamba_out_proj == "fp8"

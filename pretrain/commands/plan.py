@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--global-batch", type=int, required=True, help="global batch in sequences")
     p.add_argument("--micro-batch", type=int, nargs="+", default=[1], help="micro-batch sizes to try")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "mxfp8", "nvfp4"],
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp8", "mxfp8", "nvfp4"],
                    help="GEMM recipe; auto: NVFP4 with the published BF16/MXFP8 carve-outs where the GPU has FP4, "
                         "else MXFP8 (FP8) where it has FP8")
     p.add_argument("--bf16-last-layers", type=int, default=None,
@@ -33,18 +33,22 @@ def _precision(recipe: str, gpu, num_layers: int, last_bf16):
     from model.precision import PrecisionConfig
 
     if recipe == "auto":
-        recipe = "nvfp4" if gpu.fp4_tflops else ("mxfp8" if gpu.fp8_tflops else "bf16")
+        formats = gpu.formats()  # Hopper: bf16, fp8; Blackwell: + mxfp8, nvfp4
+        recipe = "nvfp4" if "nvfp4" in formats else ("fp8" if "fp8" in formats else "bf16")
     gpu.peak_tflops(recipe)  # a clear error when the GPU lacks the format
     if recipe == "bf16":
         return PrecisionConfig(recipe="bf16")
     end = round(0.15 * num_layers) if last_bf16 is None else last_bf16
-    return PrecisionConfig(recipe=recipe, first_last_layers_bf16=end > 0, num_layers_at_end_in_bf16=end)
+    # Super's MXFP8 Mamba out_proj is a Blackwell format: on Hopper it runs in the recipe's FP8.
+    out_proj = "mxfp8" if "mxfp8" in gpu.formats() else recipe
+    return PrecisionConfig(recipe=recipe, first_last_layers_bf16=end > 0, num_layers_at_end_in_bf16=end,
+                           mamba_out_proj=out_proj)
 
 
 def _speed(pairs: list[str]):
     from parallel.steptime import SpeedOptions
 
-    fields = {"bf16": "efficiency_bf16", "mxfp8": "efficiency_mxfp8", "nvfp4": "efficiency_nvfp4",
+    fields = {"bf16": "efficiency_bf16", "fp8": "efficiency_fp8", "mxfp8": "efficiency_mxfp8", "nvfp4": "efficiency_nvfp4",
               "comm": "comm_efficiency"}
     kw = {}
     for item in pairs:
