@@ -157,6 +157,31 @@ _NORM_OF = {"M": "mixer.in_proj.layer_norm_weight", "*": "self_attention.linear_
             "-": "mlp.linear_fc1.layer_norm_weight", "E": "pre_mlp_layernorm.weight"}
 
 
+_LOCAL_EXPERT = re.compile(r"^(.*\.experts)\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+_GROUPED_EXPERT = re.compile(r"^(.*\.experts)\.(linear_fc[12])\.weight(\d+)$")
+
+
+def expert_names(state: Dict[str, torch.Tensor], style: str) -> Dict[str, torch.Tensor]:
+    """Rename expert weights between Megatron-Core's two expert modules, whose parameter names differ:
+    SequentialMLP (local / cpu backends) `experts.local_experts.{e}.linear_fc1.weight` and TEGroupedMLP (te
+    backend) `experts.linear_fc1.weight{e}`. `style`: "local" or "grouped". Everything else passes through."""
+    if style not in ("local", "grouped"):
+        raise ValueError(f"expert name style must be 'local' or 'grouped', got {style!r}")
+    out: Dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if style == "grouped" and (m := _LOCAL_EXPERT.match(key)):
+            key = f"{m.group(1)}.{m.group(3)}.weight{m.group(2)}"
+        elif style == "local" and (m := _GROUPED_EXPERT.match(key)):
+            key = f"{m.group(1)}.local_experts.{m.group(3)}.{m.group(2)}.weight"
+        out[key] = t
+    return out
+
+
+def expert_style(names) -> str:
+    """The expert naming a model uses ("grouped" when any name is TEGroupedMLP's, else "local")."""
+    return "grouped" if any(_GROUPED_EXPERT.match(n) for n in names) else "local"
+
+
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Megatron's fused QKV layout: per query group, its query heads then its key then its value head."""
     ng, dh = cfg.num_query_groups, cfg.kv_channels

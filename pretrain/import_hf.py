@@ -192,7 +192,7 @@ def import_hf(hf_dir: Union[str, Path], output_dir: Union[str, Path], layout: An
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from model.hf_mapping import hf_to_megatron, model_config_from_hf
+    from model.hf_mapping import expert_names, expert_style, hf_to_megatron, model_config_from_hf
     from pretrain import checkpoint as ckpt
 
     check_import_target(Path(output_dir), stage, overwrite, Path(hf_dir))
@@ -213,6 +213,8 @@ def import_hf(hf_dir: Union[str, Path], output_dir: Union[str, Path], layout: An
     mg = hf_to_megatron({name: hf.tensor(name) for name in hf.where}, cfg)
     sd = model.sharded_state_dict()
     entries = {k: v for k, v in sd.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+    # TEGroupedMLP (te backend) names experts `experts.linear_fc1.weight{e}`, SequentialMLP `local_experts.{e}`.
+    mg = expert_names(mg, expert_style(entries))
     missing = sorted(set(entries) - set(mg))
     if missing:
         raise ExportError(f"{hf.dir}: no tensor maps to Foldtron parameter {missing[0]} ({len(missing)} missing)")

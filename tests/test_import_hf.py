@@ -81,3 +81,25 @@ def test_bad_layout_is_refused(tmp_path):
         from pretrain.import_hf import import_hf
 
         import_hf(tmp_path, tmp_path / "out")
+
+
+def test_expert_names_map_between_sequential_and_te_grouped_both_ways():
+    """A checkpoint or export moves between the te backend (TEGroupedMLP: `experts.linear_fc1.weight{e}`) and the
+    local/cpu ones (SequentialMLP: `experts.local_experts.{e}.linear_fc1.weight`): the rename is exact both ways
+    and export reads either naming to the same HF tensors."""
+    import torch
+
+    from model.hf_mapping import expert_names, expert_style, megatron_to_hf
+    from model.presets import get_preset
+
+    cfg = get_preset("tiny", mtp_num_layers=0, mtp_hybrid_override_pattern=None)
+    t = {f"decoder.layers.3.mlp.experts.local_experts.{e}.linear_fc{k}.weight": torch.full((2, 2), 10.0 * e + k)
+         for e in range(cfg.num_moe_experts) for k in (1, 2)}
+    t["decoder.layers.3.mlp.router.weight"] = torch.zeros(4, 2)
+    grouped = expert_names(t, "grouped")
+    assert "decoder.layers.3.mlp.experts.linear_fc2.weight3" in grouped and expert_style(grouped) == "grouped"
+    assert expert_style(t) == "local"
+    back = expert_names(grouped, "local")
+    assert back.keys() == t.keys() and all(torch.equal(back[k], t[k]) for k in t)
+    a, b = megatron_to_hf(t, cfg), megatron_to_hf(grouped, cfg)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
