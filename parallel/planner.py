@@ -38,7 +38,16 @@ class Plan(BaseModel):
                 "step_s": round(self.time.step_s, 4), "mfu": round(self.time.mfu, 4),
                 "tokens_per_s_per_gpu": round(self.time.tokens_per_s_per_gpu, 1),
                 "time_s": {k: round(getattr(self.time, k), 4) for k in
-                           ("compute_s", "tp_s", "cp_s", "ep_s", "pp_p2p_s", "bubble_s", "dp_exposed_s")}}
+                           ("compute_s", "tp_s", "cp_s", "ep_s", "pp_p2p_s", "bubble_s", "dp_exposed_s")},
+                "overrides": self.overrides()}
+
+    def overrides(self) -> list[str]:
+        """The `foldtron train` overrides that run this plan (layout, micro-batch, recompute)."""
+        L = self.layout
+        out = [f"parallel.tp={L.tp}", f"parallel.cp={L.cp}", f"parallel.pp={L.pp}", f"parallel.ep={L.ep}",
+               f"parallel.etp={L.etp}", f"parallel.sequence_parallel={str(L.sequence_parallel).lower()}",
+               f"train.micro_batch_size={self.micro_batch_size}", f"performance.recompute={self.recompute}"]
+        return out + ([f"parallel.vpp={L.vpp}"] if L.vpp else [])
 
 
 def layout_problems(cfg: ModelConfig, layout: ParallelLayout, world_size: int, seq_length: int,

@@ -131,6 +131,29 @@ class LoggingConfig(_Section):
 
 
 @documented
+class PerformanceConfig(_Section):
+    """GPU performance settings. `None` means: on for the GPU backends (te, local), off on the cpu backend, where
+    gloo has nothing to overlap with."""
+
+    overlap_grad_reduce: Optional[bool] = None  # DDP reduces each gradient bucket while backward continues
+    overlap_param_gather: Optional[bool] = None  # distributed optimizer: all-gather next parameters during forward
+    tp_comm_overlap: bool = False  # TE userbuffers overlap of TP all-gather/reduce-scatter with GEMMs (te only)
+    # The planner's recompute options (foldtron plan ranks them): none | selective (norms, expert activation, core
+    # attention: Megatron recompute_modules) | full (each layer recomputed from its input).
+    recompute: Literal["none", "selective", "full"] = "none"
+
+    def resolved(self, backend: str) -> dict:
+        """The settings for `backend`, `None`s decided."""
+        gpu = backend in ("te", "local")
+        if self.tp_comm_overlap and backend != "te":
+            raise ValueError(f"performance.tp_comm_overlap needs the te backend (Transformer Engine userbuffers); "
+                             f"this run's backend is {backend}")
+        return {"overlap_grad_reduce": gpu if self.overlap_grad_reduce is None else self.overlap_grad_reduce,
+                "overlap_param_gather": gpu if self.overlap_param_gather is None else self.overlap_param_gather,
+                "tp_comm_overlap": self.tp_comm_overlap, "recompute": self.recompute}
+
+
+@documented
 class RunConfig(_Section):
     """One run: model, layout, precision, data, schedule (stages), checkpoints and logging."""
 
@@ -145,6 +168,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     stages: list[StageConfig] = Field(default_factory=list)  # the schedule in order; empty: one stage from `train`
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")

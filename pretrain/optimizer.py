@@ -19,12 +19,15 @@ from parallel.layout import ParallelLayout
 from pretrain.config import TrainConfig
 
 
-def wrap_ddp(chunks: Sequence[torch.nn.Module], layout: ParallelLayout, bf16: bool) -> list:
+def wrap_ddp(chunks: Sequence[torch.nn.Module], layout: ParallelLayout, bf16: bool, *,
+             overlap_grad_reduce: bool = False, overlap_param_gather: bool = False) -> list:
+    """`overlap_*`: PerformanceConfig.resolved() (on for GPU backends; CPU/gloo has nothing to overlap with)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,  # FP32 gradient accumulation/reduction (Nemotron 3 recipe)
-        overlap_grad_reduce=False,  # CPU/gloo: nothing to overlap with; on GPU the sync is still exact
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather and layout.use_distributed_optimizer,
         use_distributed_optimizer=layout.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # the loop checks across ranks and skips instead of raising
         bucket_size=None,

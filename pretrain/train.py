@@ -52,6 +52,20 @@ def default_model_provider(model_cfg, *, pre_process: bool, post_process: bool, 
                        vp_stage=vp_stage, config=transformer_config(model_cfg, **parallel_kwargs))
 
 
+def performance_kwargs(cfg: RunConfig) -> dict:
+    """TransformerConfig fields of the run's performance settings (recompute, TP comm overlap)."""
+    from model.backend import resolve_backend
+
+    perf = cfg.performance.resolved(resolve_backend(cfg.backend).name)
+    kw: dict = {"tp_comm_overlap": perf["tp_comm_overlap"]}
+    if perf["recompute"] == "selective":
+        # Megatron-Core's selective recompute modules matching the planner's `selective` (parallel/memory.py).
+        kw.update(recompute_granularity="selective", recompute_modules=["core_attn", "moe_act", "layernorm"])
+    elif perf["recompute"] == "full":
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return kw
+
+
 def parallel_kwargs(stage: Stage) -> dict:
     lay, bf16 = stage.parallel, stage.precision.recipe != "fp32"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -222,7 +236,8 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
         extra = {} if vp is None else {"vp_stage": vp}  # providers without vpp support keep their signature
         chunk = provider(cfg.model, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                          post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                         parallel_kwargs=parallel_kwargs(stage), precision=build_precision, **extra)
+                         parallel_kwargs={**parallel_kwargs(stage), **performance_kwargs(cfg)},
+                         precision=build_precision, **extra)
         chunk.config.calculate_per_token_loss = True
         place_on_device(chunk)
         if lowp:
@@ -232,7 +247,11 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
         if bf16:
             chunk = Float16Module(chunk.config, chunk)
         chunks.append(chunk)
-    model = wrap_ddp(chunks, stage.parallel, bf16)
+    from model.backend import resolve_backend
+
+    perf = cfg.performance.resolved(resolve_backend(cfg.backend).name)
+    model = wrap_ddp(chunks, stage.parallel, bf16, overlap_grad_reduce=perf["overlap_grad_reduce"],
+                     overlap_param_gather=perf["overlap_param_gather"])
     install_grad_sync(model)
     optimizer = build_optimizer(model, stage.train, stage.parallel, bf16)
     scheduler = build_scheduler(optimizer, stage.train)

@@ -131,3 +131,17 @@ def test_hopper_formats_are_fp8_not_mxfp8():
 
     prec = _precision("auto", h200, 52, None)
     assert prec.recipe == "fp8" and prec.mamba_out_proj == "fp8"
+
+
+def test_a_plan_prints_overrides_the_run_config_accepts():
+    """A planned layout can actually be run: its overrides (layout, micro-batch, recompute) validate."""
+    from parallel.gpus import get_gpu
+    from parallel.planner import plan
+    from pretrain.config import load_config
+
+    plans, _ = plan(get_preset("nano-30b-a3b"), 64, get_gpu("h100"), 8192, 512, (1,),
+                    PrecisionConfig(recipe="fp8", mamba_out_proj="fp8"))
+    assert plans
+    for p in plans[:5]:
+        cfg = load_config(None, ["model.preset=nano-30b-a3b", *p.overrides()])
+        assert cfg.performance.recompute == p.recompute and cfg.parallel.tp == p.layout.tp

@@ -89,4 +89,5 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     print(format_table(plans, args.top))
     print("memory: per GPU, fullest pipeline stage; MFU: model training FLOPs / dense BF16 peak")
+    print("run #1 with: foldtron train --config ... " + " ".join(plans[0].overrides()))
     return 0
