@@ -174,7 +174,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     post_process=True); under pp > 1 that chunk also holds an embedding copy, kept equal to the first stage's by
     Megatron's embedding group.
     `precision`: a model.precision.PrecisionConfig; only high-precision recipes (fp32/bf16) are built here,
-    low-precision GEMMs are a layer on top (model.lowp.apply_precision; pretrain/train.py does both).
+    low-precision GEMMs are a layer on top (model.adapt.lowp.apply_precision; pretrain/train.py does both).
     `backend`: `auto` | `te` | `local` | `cpu` (model.backend).
     """
     _mcore(backend)
@@ -188,7 +188,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
 
     if precision is not None and getattr(precision, "recipe", "bf16") not in ("bf16", "fp32"):
         raise ValueError(f"precision recipe {precision.recipe!r} is applied by the precision layer, not build_model; "
-                         "build with a bf16/fp32 policy and wrap it with model.lowp.apply_precision")
+                         "build with a bf16/fp32 policy and wrap it with model.adapt.lowp.apply_precision")
     from . import adapt
 
     be = resolve_backend(backend or adapt.active_backend()).name

@@ -15,7 +15,7 @@ default `model.build.build_model`; tests and benchmarks may pass another one. Un
 (`parallel.vpp`) the provider is called once per virtual stage with `vp_stage=v` as well, and every chunk reads its
 own copy of the micro-batch stream (Megatron-LM builds one data iterator per chunk over the same data). The
 provider always gets a high-precision policy: `precision.recipe: nvfp4|mxfp8` builds BF16 and routes the linears through the emulated
-recipe (`model.lowp.apply_precision`); with `precision.telemetry_interval` > 0 the quantization statistics go to
+recipe (`model.adapt.lowp.apply_precision`); with `precision.telemetry_interval` > 0 the quantization statistics go to
 TensorBoard as `<recipe>/<module>/<role>/{flushed,saturated,rel_error}` every that many (run-global) steps.
 """
 from __future__ import annotations
@@ -214,14 +214,16 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
     get_model (bucketing only on chunk 0).
 
     A low-precision recipe (nvfp4/mxfp8) is built with the BF16 policy (build_model only builds high-precision
-    models) and then has its linears routed through the emulated recipe by `model.lowp.apply_precision`, on the
+    models) and then has its linears routed through the emulated recipe by `model.adapt.lowp.apply_precision`, on the
     bare chunk: the policy matches Megatron names (`decoder.layers.N.`, `mtp.`), which Float16Module and DDP
     prefix with `module.`. The patch is per instance and keeps parameters, so DDP buffers and checkpoints are
     the BF16 model's."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.module import Float16Module
 
-    from model.lowp import apply_precision
+    from model import adapt
+    from model.adapt.lowp import apply_precision
+    from model.adapt.te_precision import apply_te_precision
     from model.precision import LOW_PRECISION
     from pretrain.optimizer import build_optimizer, install_grad_sync, wrap_ddp
     from pretrain.schedules import build_scheduler
@@ -240,7 +242,13 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
                          precision=build_precision, **extra)
         chunk.config.calculate_per_token_loss = True
         place_on_device(chunk)
-        if lowp:
+        if lowp and adapt.active_backend() == "te":
+            # Transformer Engine's own recipes, one autocast per module (model/adapt/te_precision.py).
+            from megatron.core import parallel_state as mps
+
+            apply_te_precision(chunk, stage.precision, num_layers=cfg.model.num_layers,
+                               amax_group=mps.get_amax_reduction_group(with_context_parallel=True))
+        elif lowp:
             # The chunk already computes in BF16: BF16-policy linears need no emulated rounding.
             apply_precision(chunk, stage.precision, num_layers=cfg.model.num_layers, seed=stage.train.seed,
                             telemetry=telemetry, emulate_bf16=False)

@@ -93,3 +93,42 @@ def test_role_of_and_te_kwargs():
                                                   disable_2d_quantization=False)
     with pytest.raises(ValueError, match="no Transformer Engine"):
         te_recipe_kwargs(cfg, "bf16")
+
+
+def test_super_precision_plan_needs_no_gpu_and_matches_the_published_recipe():
+    """`foldtron precision-plan` for the Super config: per module, the format and the TE recipe arguments the te
+    backend uses (the emulation computes the same formats): last 14 of 88 layers BF16, attention / latent / MTP
+    BF16, Mamba out_proj MXFP8, NVFP4 with RHT, SR and 2-D weights elsewhere."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from model.adapt.te_precision import te_plan
+    from pretrain.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "examples/configs/super-120b-a12b.yaml")
+    plan = {r.name: r for r in te_plan(cfg.model, cfg.precision)}
+    assert plan["decoder.layers.0.mixer.in_proj"].te_recipe == "NVFP4BlockScaling"
+    assert plan["decoder.layers.0.mixer.in_proj"].te_kwargs == dict(disable_rht=False, disable_stochastic_rounding=False,
+                                                                     disable_2d_quantization=False)
+    assert plan["decoder.layers.0.mixer.out_proj"].te_recipe == "MXFP8BlockScaling"
+    assert all(r.fmt == "bf16" for n, r in plan.items() if (n.startswith(("mtp.", "output_layer")) or "latent" in n
+               or "self_attention" in n) and not n.endswith("router"))  # routers stay FP32
+    last = [r for n, r in plan.items() if n.startswith("decoder.layers.") and int(n.split(".")[2]) >= 74
+            and not n.endswith("router")]
+    assert last and all(r.fmt == "bf16" for r in last)
+    out = subprocess.run([sys.executable, "-m", "pretrain.cli", "precision-plan", "--config",
+                          "examples/configs/super-120b-a12b.yaml"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NVFP4BlockScaling(disable_rht=False" in out.stdout and "MXFP8BlockScaling()" in out.stdout
+
+
+def test_te_nvfp4_on_hopper_is_a_clear_error():
+    from model.adapt.te_precision import check_device_supports
+    from model.precision import super_policy
+
+    with pytest.raises(ValueError, match="compute capability >= 10.0"):
+        check_device_supports(super_policy(), {"nvfp4", "mxfp8", "bf16"}, capability=(9, 0))
+    check_device_supports(super_policy(), {"nvfp4"}, capability=(10, 0))  # Blackwell: fine
+    check_device_supports(super_policy(), {"fp8", "bf16"}, capability=(9, 0))  # Hopper FP8: fine

@@ -1,4 +1,5 @@
-"""Apply the precision policy to a built model: route each linear's GEMMs through the emulated recipe.
+"""Apply the precision policy to a built model: route each linear's GEMMs through the emulated recipe. In the
+adaptation layer because it replaces Megatron-Core linears' private `_forward_impl` (tensor_parallel/layers.py).
 
 This is the "emulation elsewhere" row of DESIGN.md's backend table: on CPUs and pre-Blackwell GPUs, every
 Megatron-Core linear whose policy format is NVFP4, MXFP8 or BF16 computes through
@@ -24,7 +25,7 @@ import torch
 from kernels.lowp_linear import LowPrecisionOptions, lowp_linear
 from kernels.telemetry import QuantTelemetry
 
-from .precision import Format, PrecisionConfig, linear_format
+from ..precision import Format, PrecisionConfig, linear_format
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _PATCHED = "_lowp_format"
@@ -101,7 +102,7 @@ def apply_precision(model: torch.nn.Module, cfg: PrecisionConfig, *, num_layers:
     """
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    from .layers import DuplicatedLinear
+    from ..layers import DuplicatedLinear
 
     remove_precision(model)
     opts = lowp_options(cfg)
