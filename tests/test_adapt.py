@@ -2,6 +2,10 @@
 including TP=2, MoE with the all-to-all dispatcher under EP=2 and TP2xEP2 with sequence parallelism, and PP=2
 through Megatron-Core's 1F1B schedule; the patches are keyed on the backend; and every patch has a removal test:
 a scenario run with `FOLDTRON_ADAPT_SKIP=<patch>` must fail, so an upgrade shows which patches are still needed."""
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -198,6 +202,21 @@ def test_scenario_tiny_hybrid_builds_and_trains(single_process):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_scenario_rng_tracker_forks_the_cpu_generator(single_process):
+    """Without the patch, Megatron's _set_cuda_rng_state queues its work with torch's _lazy_call, which never runs
+    without CUDA: forking silently leaves the default stream advanced (dropout and resumes draw wrong numbers)."""
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    before = torch.get_rng_state()
+    with get_cuda_rng_tracker().fork():
+        a = torch.rand(4)
+    assert torch.equal(before, torch.get_rng_state())  # the default stream is restored
+    with get_cuda_rng_tracker().fork():
+        b = torch.rand(4)
+    assert not torch.equal(a, b)  # the tracked model-parallel stream advanced
+
+
 def test_scenario_megatron_optimizer_steps_on_cpu(single_process):
     import torch
 
@@ -231,7 +250,7 @@ def test_scenario_expert_params_are_expert_parallel_on_every_layout(single_proce
 MATRIX_CP2 = "tests/test_parallel_matrix.py::test_layout_equals_one_process[cp2]"
 REMOVAL = {
     "cpu.torch_cuda": "tests/test_adapt.py::test_scenario_tiny_hybrid_builds_and_trains",
-    "cpu.rng_tracker": "tests/test_adapt.py::test_scenario_tiny_hybrid_builds_and_trains",
+    "cpu.rng_tracker": "tests/test_adapt.py::test_scenario_rng_tracker_forks_the_cpu_generator",
     "cpu.cuda_literals": "tests/test_adapt.py::test_gpt_pp2",
     "cpu.moe_split_sizes": "tests/test_adapt.py::test_gpt_moe_ep2",
     "cpu.uneven_collectives": "tests/test_adapt.py::test_gpt_moe_tp2_ep2_sp",

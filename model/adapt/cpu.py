@@ -92,8 +92,9 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_rng_tracker() -> None:
-    """tensor_parallel/random.py:41 `_get_cuda_rng_state` and :72 `_set_cuda_rng_state` read
-    torch.cuda.default_generators; the CPU generator takes their place. The tracker's `fork` (random.py:251)
+    """tensor_parallel/random.py:104 `_get_cuda_rng_state` and :135 `_set_cuda_rng_state` (0.19.2) read
+    torch.cuda.default_generators, and the setter defers its work through torch's `_lazy_call`, which never runs
+    without CUDA (forks silently stop restoring the stream); the CPU generator takes their place. The tracker's `fork` (random.py:251)
     then warns on every use that the CPU state changed, which is exactly what forking does here: silence it."""
     from megatron.core.tensor_parallel import random as mrandom
 
