@@ -122,11 +122,15 @@ def single_process_state() -> None:
 
 
 def meta_model(cfg: ModelConfig):
-    """The 1-process model on the meta device: its sharded_state_dict describes every tensor, allocating none."""
-    from model.build import build_model, preload
+    """The 1-process model on the meta device: its sharded_state_dict describes every tensor, allocating none.
 
-    preload()  # import Megatron-Core outside the meta context (see model.build.preload)
-    with torch.device("meta"):
+    `torch.device("meta")` alone does not hold where Megatron-Core, TE and MambaMixer pass `device=` explicitly
+    (`torch.cuda.current_device()` on a GPU machine): that would materialise the whole model on one GPU.
+    model.counting.meta_device also redirects explicit devices to meta."""
+    from model.build import build_model
+    from model.counting import meta_device
+
+    with meta_device():  # imports Megatron-Core first (model.build.preload)
         return build_model(cfg)
 
 
