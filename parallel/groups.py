@@ -71,6 +71,13 @@ def setup(layout: ParallelLayout, seed: int = 1234, *, model_cfg: Optional["Mode
     )
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
+    # Python's and numpy's generators too (shuffles, sampling in user hooks); checkpoints save and restore them.
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def teardown() -> None:

@@ -18,7 +18,8 @@ import signal
 import time
 from typing import Optional
 
-HANDLED = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT (Ctrl-C) too: it saves and exits like SIGTERM instead of a traceback with nothing saved.
+HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 #: A signal that arrived between `catch_early()` and `StopRequests.install()`.
 _early_signal: Optional[int] = None

@@ -348,6 +348,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+    from model.adapt.lowp import set_sr_step
     from model.counting import forward_flops
     from parallel import groups
     from pretrain.optimizer import params_norm
@@ -373,6 +374,13 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
         telemetry = make_telemetry(stage)
         model, optimizer, scheduler = _build(cfg, stage, provider, telemetry)
         loader = make_loader(cfg, stage, dp_rank, dp)
+        phase_batches = getattr(loader, "num_batches", None)
+        if isinstance(phase_batches, int) and phase_batches < t.train_iters:
+            # Said before the first step, not as a bare StopIteration after the phase's last batch.
+            raise TrainingAborted(
+                f"stage {stage.name}: train_iters={t.train_iters} but curriculum phase "
+                f"{stage.phase or stage.name!r} holds only {phase_batches} global batches of {t.global_batch_size} x "
+                f"{t.seq_length} tokens; lower the stage's train_iters or raise the phase's token budget")
 
         # ---- where to start
         iteration, resumed_from, start_from = 0, None, None
@@ -428,6 +436,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             t0 = time.perf_counter()
             # Arms the probes for this step; counted over the whole run so the interval spans stages.
             quant_step = telemetry is not None and telemetry.step(step_offset + iteration + 1)
+            set_sr_step(model, step_offset + iteration + 1)  # SR stream positioned by step: resumes are exact
             step = train_step(model, optimizer, data_iter, num_micro=num_micro, seq_length=t.seq_length,
                               micro_batch_size=t.micro_batch_size)
             loss, grad_norm = step["loss"], step["grad_norm"]
@@ -492,7 +501,14 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             reason = stop.check()
             times.append(time.perf_counter() - t0)  # the whole iteration: checks, trackers, logging included
             done = iteration == t.train_iters
-            if save_dir and (done or reason or iteration % cfg.checkpoint.save_interval == 0):
+            periodic = iteration % cfg.checkpoint.save_interval == 0
+            if periodic and consecutive and not (done or reason):
+                # Inside a NaN/Inf streak: the weights are the ones that produced it. Saving would rotate the last
+                # good checkpoints out (keep_last) and a rerun would resume into the same divergence.
+                _print(f" [{stage.name}] iteration {iteration}: not saving during a non-finite streak "
+                       f"({consecutive} in a row); the last good checkpoint is kept")
+                periodic = False
+            if save_dir and (done or reason or periodic):
                 common = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
                           "consumed_samples": iteration * t.global_batch_size, "stage_tokens": stage_tokens,
                           "consumed_tokens": consumed, "counters": dict(counters)}

@@ -119,3 +119,15 @@ def test_sigterm_during_startup_stops_after_the_first_step(tmp_path):
     text, stopped = _finish(proc, out)
     assert "SIGTERM arrived during start-up" in text
     assert stopped == 1 and _latest(run_dir) == 1
+
+
+@pytest.mark.slow
+def test_sigint_saves_and_requeues_like_sigterm(tmp_path):
+    """Ctrl-C (SIGINT to the process group) is a stop request: the step finishes, the iteration is saved and the
+    exit code asks for a requeue; it was a KeyboardInterrupt traceback with nothing saved (issue 20)."""
+    run_dir, out = tmp_path / "run", tmp_path / "out.log"
+    proc = _start(run_dir, out)
+    _wait_for(proc, lambda: "saved checkpoint" in out.read_text(), "first checkpoint", out)
+    os.killpg(proc.pid, signal.SIGINT)
+    text, stopped = _finish(proc, out)
+    assert 2 <= stopped < 10000 and _latest(run_dir) == stopped

@@ -37,14 +37,34 @@ def lowp_options(cfg: PrecisionConfig) -> LowPrecisionOptions:
 
 
 class _CallSeeds:
-    """Fresh, reproducible SR seeds: (base seed, module index, call count) -> 63-bit seed."""
+    """Fresh, reproducible SR seeds: (base seed, module index, training step, call within the step) -> 63-bit seed.
+
+    Keyed on the step rather than on a running count, so a resumed run draws exactly the stream the uninterrupted
+    one would (the loop calls `set_sr_step` before each step); nothing has to travel in the checkpoint."""
 
     def __init__(self, base: int, index: int):
-        self.base, self.index, self.calls = int(base), int(index), 0
+        self.base, self.index, self.step, self.calls = int(base), int(index), 0, 0
+
+    def at_step(self, step: int) -> None:
+        self.step, self.calls = int(step), 0
 
     def next(self) -> int:
         self.calls += 1
-        return (self.base * 1_000_003 + self.index * 7_919 + self.calls * 104_729) % (2**63 - 1)
+        return (self.base * 1_000_003 + self.index * 7_919 + self.step * 15_485_863 + self.calls * 104_729) \
+            % (2**63 - 1)
+
+
+_SEEDS = "_lowp_sr_seeds"
+
+
+def set_sr_step(model, step: int) -> None:
+    """Position every emulated linear's stochastic-rounding stream at training step `step` (1-based, run-global)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for module in chunk.modules():
+            seeds = getattr(module, _SEEDS, None)
+            if seeds is not None:
+                seeds.at_step(step)
 
 
 def _global_layer_index(model: torch.nn.Module, name: str) -> Optional[int]:
@@ -129,6 +149,7 @@ def apply_precision(model: torch.nn.Module, cfg: PrecisionConfig, *, num_layers:
         if fmt == "fp32" or (fmt == "bf16" and not emulate_bf16):
             continue
         seeds = _CallSeeds(seed, index)
+        setattr(module, _SEEDS, seeds)
         if is_mp:
             module._forward_impl = _make_forward_impl(name, fmt, opts, seeds, telemetry)
         else:
@@ -141,6 +162,8 @@ def remove_precision(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, _PATCHED):
             delattr(module, _PATCHED)
+            if hasattr(module, _SEEDS):
+                delattr(module, _SEEDS)
             for attr in ("_forward_impl", "forward"):
                 if attr in module.__dict__:
                     del module.__dict__[attr]
