@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import yaml
 
 from data_pipeline.curate import CurateConfig, CurationError, run_curation
 from data_pipeline.quality import QualityConfig, QualityError, TrainConfig, score_batch, train_classifier
-from tests.test_curate import STDLIB, stdlib_docstring_docs, tree_digest, write_jsonl
+from tests.test_curate import ROOT, STDLIB, stdlib_docstring_docs, tree_digest, write_jsonl
+from tests.test_slurm import SLURM, cluster, exit_code, job_env, wait  # noqa: F401  (cluster: a fixture)
 
 GERMAN = ("Die Bibliothek stellt Funktionen bereit, mit denen man Dateien lesen und schreiben kann. Jede Funktion "
           "nimmt einen Pfad und gibt den Inhalt der Datei zurück, oder sie meldet einen Fehler, wenn die Datei "
@@ -305,3 +307,44 @@ def test_quickstart_curation_buckets_its_corpus(tmp_path):
     assert cur["buckets"]["python_docs_hq"] > 0 and cur["buckets"]["python_docs_mq"] > 0
     assert "python_code" in cur["buckets"] and cur["languages"]["en"] > 0
     assert sum(cur["buckets"].values()) == cur["kept_docs"]
+
+
+def test_classifier_cli_train_and_score(models, tmp_path, capsys):
+    from pretrain.cli import main
+
+    d = models["dir"]
+    out = tmp_path / "m.bin"
+    assert main(["classifier", "train", "--positive", str(d / "prose.jsonl"), "--negative", str(d / "code.jsonl"),
+                 "--output", str(out), "--epoch", "30"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["precision"] == models["kind"]["precision"] and out.with_name("m.bin.json").is_file()
+    probe = tmp_path / "probe.jsonl"
+    write_jsonl(probe, [{"text": models["held_out_prose"][0]}, {"text": (STDLIB / "json" / "decoder.py").read_text()}])
+    assert main(["classifier", "score", "--model", str(out), "--input", str(probe)]) == 0
+    p = [json.loads(line)["p"] for line in capsys.readouterr().out.splitlines()]
+    assert p[0] > 0.5 > p[1]
+    assert main(["classifier", "score", "--model", str(tmp_path / "nope.bin"), "--input", str(probe)]) == 2
+
+
+@pytest.mark.slurm
+@pytest.mark.multiproc
+@pytest.mark.usefixtures("cluster")  # skips, saying how to start one, when no Slurm answers
+def test_real_slurm_arrays_with_langid_and_buckets_match_local_run(models, planted_run, tmp_path):
+    """submit_curation.sh (map array -> reduce array -> write array, afterok) with langid + two classifiers +
+    buckets: byte-identical curated buckets, manifests and report to the local run."""
+    sources, out, rep, _ = planted_run
+    cfg = tmp_path / "curate.yaml"
+    cfg.write_text(yaml.safe_dump(curate_cfg(models).model_dump(mode="json")))
+    dist, logs = tmp_path / "slurm", tmp_path / "logs"
+    logs.mkdir()
+    sub = subprocess.run([str(SLURM / "submit_curation.sh"), "--reduce-tasks=2", "--cpus-per-task=1", "--mem=0",
+                          "--time=10", f"--output={logs}/%x-%A_%a.out", "2", "2", str(sources), str(dist), str(cfg)],
+                         capture_output=True, text=True, env=job_env(), cwd=ROOT, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    ids = sub.stdout.split()
+    recs = wait(ids, 600, sorted(logs.glob("*")))
+    for jid in ids:
+        for r in recs[jid]:
+            assert (r["JobState"], exit_code(r)) == ("COMPLETED", 0), [p.read_text()[-2000:] for p in logs.glob("*")]
+    assert json.loads((dist / "reports" / "run.json").read_text()) == rep
+    assert tree_digest(dist) == tree_digest(out)
