@@ -44,12 +44,15 @@ def causal_conv1d(
             raise ValueError(f"initial_state must be [b, channels, width-1] = {(b, d, k - 1)}, "
                              f"got {tuple(initial_state.shape)}")
         xe = torch.cat([initial_state.to(x.dtype), x], dim=-1)
-    y = xe[:, :, 0:l] * weight[:, 0, None]
+    # FP32 accumulation and activation, then one rounding to x's dtype, as causal-conv1d and cuDNN do (a BF16
+    # running sum rounded after every tap).
+    xf, wf = xe.float(), weight.float()
+    y = xf[:, :, 0:l] * wf[:, 0, None]
     for j in range(1, k):
-        y = y + xe[:, :, j:j + l] * weight[:, j, None]
+        y = y + xf[:, :, j:j + l] * wf[:, j, None]
     if bias is not None:
-        y = y + bias[:, None]
-    y = _ACTIVATIONS[activation](y)
+        y = y + bias.float()[:, None]
+    y = _ACTIVATIONS[activation](y).to(x.dtype)
     if return_final_state:
         return y, xe[:, :, xe.shape[-1] - (k - 1):].clone()
     return y

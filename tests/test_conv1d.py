@@ -37,3 +37,17 @@ def test_bad_input_named():
         causal_conv1d(torch.randn(1, 4, 5), torch.randn(3, 4))
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d(torch.randn(1, 4, 5), torch.randn(4, 4), activation="gelu")
+
+
+def test_bf16_accumulates_in_fp32_and_rounds_once():
+    """causal-conv1d and cuDNN accumulate in FP32: the BF16 result is the FP32 one rounded once."""
+    import torch
+
+    from kernels.conv1d import causal_conv1d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 128, generator=g).to(torch.bfloat16)
+    w = torch.randn(64, 4, generator=g).to(torch.bfloat16)
+    b = torch.randn(64, generator=g).to(torch.bfloat16)
+    ref = causal_conv1d(x.float(), w.float(), b.float(), activation="silu").to(torch.bfloat16)
+    assert torch.equal(causal_conv1d(x, w, b, activation="silu"), ref)
