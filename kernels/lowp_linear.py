@@ -52,6 +52,10 @@ def _nvfp4(t2, *, tile, rounding="rtne", gen=None, axis="row", probe=None, role=
     the transpose for axis=col; with ``signs``, the RHT'd transpose)."""
     if signs is not None:
         src, axis = apply_rht(t2.t(), signs), "row"
+        if t2.dtype in (torch.bfloat16, torch.float16):
+            # TE's non-fused RHT path writes RHT(x^T) in the input dtype before quantising (csrc/quantizer.cpp,
+            # v2.10 ~1608-1632, as read in shared/reference/gpu-audit.md): the same rounding here.
+            src = src.to(t2.dtype)
     else:
         src = t2
     q = quantize_nvfp4(src, tile=tile, rounding=rounding, generator=gen, axis=axis,

@@ -124,3 +124,21 @@ def test_telemetry_collects_roles_only_on_interval_steps():
     lowp_linear(xo, w, fmt="nvfp4", probe=tel.probe("m"))
     flushed = tel.scalars()["quantization/m/fprop.x/flushed"]
     assert flushed > 0.5
+
+
+def test_rht_output_is_rounded_to_bf16_before_quantising_like_te():
+    """TE's non-fused RHT path stores RHT(x^T) in the input dtype (BF16) before quantising; so does the emulation."""
+    import torch
+
+    from kernels.hadamard import apply_rht, te_signs
+    from kernels.lowp_linear import _nvfp4
+    from kernels.nvfp4 import TILE_1D, quantize_nvfp4
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 48, generator=g).to(torch.bfloat16)
+    signs = te_signs()
+    got = _nvfp4(x, tile=TILE_1D, signs=signs)
+    want = quantize_nvfp4(apply_rht(x.t(), signs).to(torch.bfloat16), tile=TILE_1D).dequantize()
+    fp32 = quantize_nvfp4(apply_rht(x.t(), signs), tile=TILE_1D).dequantize()
+    assert torch.equal(got, want)
+    assert not torch.equal(want, fp32)  # the rounding is visible, so the test can fail
