@@ -21,7 +21,7 @@ HELPER = textwrap.dedent("""
     from pretrain.signals import StopRequests
 
     stop = StopRequests().install() if sys.argv[1] == "install" else None
-    queue = filesystem_async._get_write_results_queue()  # what the first save does
+    queue = filesystem_async.get_write_results_queue()  # what the first save does (public since 0.19)
     kids = [int(d) for d in os.listdir("/proc") if d.isdigit()
             and f"PPid:\\t{os.getpid()}\\n" in open(f"/proc/{d}/status").read()]
     assert kids, "no helper process"
