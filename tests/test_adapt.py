@@ -282,6 +282,9 @@ def _removal_params():
             for name, node in REMOVAL.items()]
 
 
+# One subprocess per patch (~40 s each, several minutes for the HEAVY ones): run on a Megatron-Core upgrade with
+# `make test-upgrade` (pytest -m upgrade), not in every `make test`.
+@pytest.mark.upgrade
 @pytest.mark.multiproc
 @pytest.mark.parametrize("name,node", _removal_params())
 def test_removing_a_patch_fails_its_scenario(name, node):
