@@ -7,10 +7,10 @@ Every error names the field (dotted path) and, for unknown keys, the allowed one
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.config import ModelConfig
 from model.fielddocs import documented
@@ -34,7 +34,9 @@ class DataConfig(_Section):
 
     # Directory of webdataset shards + manifests written by `foldtron shards`.
     shards_dir: Optional[str] = None
-    # Curriculum YAML (phases, token budgets, blend weights); None: one phase over all sources, equal weight.
+    # Curriculum YAML (phases, token budgets, batch, sequence lengths, blend weights); a relative path in a config
+    # file is relative to that file (so a plan ships beside its run config). Stages take their batch and sequence
+    # length from their phase: the curriculum is the one place they are set.
     curriculum: Optional[str] = None
     # tokenizer.json (HF tokenizers); None: token ids are taken as they are in the shards.
     tokenizer: Optional[str] = None
@@ -68,6 +70,10 @@ class TrainConfig(_Section):
     lr_decay_iters: Optional[int] = Field(None, ge=1)  # None: train_iters
     lr_wsd_decay_style: Literal["minus_sqrt", "cosine", "linear", "exponential"] = "minus_sqrt"
     lr_wsd_decay_iters: Optional[int] = Field(None, ge=1)  # length of the final decay window of WSD
+    # What the schedule's iterations count: `stage` (each stage has its own warmup and decay, counted from its first
+    # step) or `run` (one curve over every stage without own_lr_schedule, of which each stage is a window: a decay
+    # may cross a phase boundary, as Nano's last-5T decay does; lr_decay_iters defaults to those stages' total).
+    lr_schedule_span: Literal["stage", "run"] = "stage"
     # Abort after this many consecutive skipped (NaN/Inf) updates.
     max_consecutive_nan_skips: int = Field(5, ge=1)
     # Stop cleanly (save, exit for requeue) after this many minutes of wall time; None: no limit.
@@ -85,49 +91,6 @@ class TrainConfig(_Section):
         if self.lr_decay_style == "WSD" and self.lr_wsd_decay_iters is None:
             raise ValueError("train.lr_decay_style=WSD needs train.lr_wsd_decay_iters (the decay window)")
         return self
-
-
-@documented
-class StageConfig(_Section):
-    """One stage of the schedule (phase 1, phase 2, long context); unset fields inherit the run's."""
-
-    name: str  # the stage's name: its checkpoints live in <checkpoint.save>/<name>
-    phase: Optional[str] = None  # curriculum phase this stage draws from
-    train_iters: int = Field(..., ge=1)  # optimizer steps of this stage
-    seq_length: Optional[int] = Field(None, ge=1)  # None: train.seq_length
-    micro_batch_size: Optional[int] = Field(None, ge=1)  # None: train.micro_batch_size
-    global_batch_size: Optional[int] = Field(None, ge=1)  # None: train.global_batch_size
-    lr: Optional[float] = Field(None, gt=0)  # None: train.lr
-    min_lr: Optional[float] = Field(None, ge=0)  # None: train.min_lr
-    lr_warmup_iters: Optional[int] = Field(None, ge=0)  # None: train.lr_warmup_iters
-    lr_decay_style: Optional[Literal["constant", "cosine", "linear", "WSD"]] = None  # None: train.lr_decay_style
-    lr_wsd_decay_iters: Optional[int] = Field(None, ge=1)  # None: train.lr_wsd_decay_iters
-    lr_wsd_decay_style: Optional[Literal["minus_sqrt", "cosine", "linear", "exponential"]] = None  # None: train's
-    parallel: Optional[ParallelLayout] = None  # e.g. CP for long context
-    precision: Optional[PrecisionConfig] = None  # None: the run's precision section
-
-
-@documented
-class CheckpointConfig(_Section):
-    """Where checkpoints are written and read, how often, and how many are kept."""
-
-    save: Optional[str] = None  # run directory for checkpoints; None: no checkpoints
-    load: Optional[str] = None  # resume from here (default: `save` when it holds a checkpoint)
-    save_interval: int = Field(100, ge=1)  # iterations between checkpoints (and at each stage's end)
-    keep_last: int = Field(2, ge=1)  # older checkpoints are deleted after a successful save
-    # Exit code for "saved on a signal, requeue me" (Slurm chains read it; see examples/slurm).
-    requeue_exit_code: int = Field(3, ge=1, le=255)
-
-
-@documented
-class LoggingConfig(_Section):
-    """Stdout and TensorBoard logging."""
-
-    log_interval: int = Field(1, ge=1)  # iterations between stdout/TensorBoard lines
-    tensorboard_dir: Optional[str] = None  # TensorBoard event files; None: no TensorBoard
-    log_moe_expert_load: bool = True  # log max/mean tokens per expert for every MoE layer
-    # Peak TFLOP/s per device for 'mfu'; None: datasheet BF16 peak of known GPUs, else a measured GEMM peak (CPU).
-    peak_tflops_per_device: Optional[float] = Field(None, gt=0)
 
 
 @documented
@@ -154,6 +117,112 @@ class PerformanceConfig(_Section):
 
 
 @documented
+class StageConfig(_Section):
+    """One stage of the schedule (phase 1, phase 2, long context); unset fields inherit the run's."""
+
+    name: str  # the stage's name: its checkpoints live in <checkpoint.save>/<name>
+    phase: Optional[str] = None  # curriculum phase this stage draws from
+    train_iters: int = Field(..., ge=1)  # optimizer steps of this stage
+    # None: the curriculum phase's, else train.seq_length. A list alternates per global batch (Super's long-context
+    # stage 2: [1048576, 4096]); tokens are counted as trained. A value that disagrees with the phase is an error.
+    seq_length: Optional[Union[int, list[int]]] = None
+    micro_batch_size: Optional[int] = Field(None, ge=1)  # None: train.micro_batch_size
+    # None: the curriculum phase's, else train.global_batch_size; a value that disagrees with the phase is an error.
+    global_batch_size: Optional[int] = Field(None, ge=1)
+    lr: Optional[float] = Field(None, gt=0)  # None: train.lr
+    min_lr: Optional[float] = Field(None, ge=0)  # None: train.min_lr
+    lr_warmup_iters: Optional[int] = Field(None, ge=0)  # None: train.lr_warmup_iters
+    lr_decay_style: Optional[Literal["constant", "cosine", "linear", "WSD"]] = None  # None: train.lr_decay_style
+    lr_wsd_decay_iters: Optional[int] = Field(None, ge=1)  # None: train.lr_wsd_decay_iters
+    lr_wsd_decay_style: Optional[Literal["minus_sqrt", "cosine", "linear", "exponential"]] = None  # None: train's
+    parallel: Optional[ParallelLayout] = None  # e.g. CP for long context
+    precision: Optional[PrecisionConfig] = None  # None: the run's precision section
+    # With train.lr_schedule_span=run: this stage leaves the run's LR curve and has its own schedule (its lr, min_lr,
+    # warmup and decay fields, counted from its first step), e.g. long context at a constant LR. Without it, a stage
+    # on the run's curve may not set LR fields (they would be ignored).
+    own_lr_schedule: bool = False
+    # Recompute / overlap for this stage (long context needs more recompute than phase 1); None: the run's.
+    performance: Optional[PerformanceConfig] = None
+    # GPUs (ranks) this stage is planned for; a job of another size is refused at the stage's start, and
+    # `foldtron preflight` checks memory on it. None: cluster.gpus (or whatever the job has).
+    gpus: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageConfig":
+        lengths = self.seq_length if isinstance(self.seq_length, list) else [self.seq_length or 1]
+        if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
+            raise ValueError(f"seq_length must be a positive integer or a non-empty list of them, got "
+                             f"{self.seq_length!r}")
+        return self
+
+
+@documented
+class MergeConfig(_Section):
+    """Checkpoint merging on a token schedule (pretrain/merge.py; `foldtron merge-checkpoints` by hand): after a save
+    that crosses a multiple of every_tokens, the stage's checkpoints inside the window (or its last K) are averaged
+    into <save>/merged/<stage>/iter_N (N: the newest's iteration; resumable with checkpoint.load=<save>/merged).
+    Token counts take K/M/B/T suffixes ("500B")."""
+
+    # Merge after the first save at or past each multiple of this many consumed tokens (the run's count); None: no
+    # scheduled merges (Nemotron 3 Super: 500B during its stable phase).
+    every_tokens: Optional[int] = Field(None, ge=1)
+    # Average the stage's checkpoints whose consumed tokens lie in (T - window_tokens, T], T the newest's; keep_last
+    # must keep them all (checked by merge_problems / foldtron preflight).
+    window_tokens: Optional[int] = Field(None, ge=1)
+    last: Optional[int] = Field(None, ge=2)  # instead of a window: average the newest `last` checkpoints
+    stages: Optional[list[str]] = None  # stages whose saves are merged (e.g. the stable phase); None: every stage
+    keep_last: Optional[int] = Field(None, ge=1)  # merge outputs kept per stage (older ones deleted); None: all
+
+    @field_validator("every_tokens", "window_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: Any) -> Any:
+        from data_pipeline.curriculum import parse_tokens
+
+        return v if v is None else parse_tokens(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeConfig":
+        if self.every_tokens is not None and (self.window_tokens is None) == (self.last is None):
+            raise ValueError("checkpoint.merge: with every_tokens, set exactly one of window_tokens and last (what "
+                             "a merge averages)")
+        return self
+
+
+@documented
+class CheckpointConfig(_Section):
+    """Where checkpoints are written and read, how often, and how many are kept."""
+
+    save: Optional[str] = None  # run directory for checkpoints; None: no checkpoints
+    load: Optional[str] = None  # resume from here (default: `save` when it holds a checkpoint)
+    save_interval: int = Field(100, ge=1)  # iterations between checkpoints (and at each stage's end)
+    keep_last: int = Field(2, ge=1)  # older checkpoints are deleted after a successful save
+    # Exit code for "saved on a signal, requeue me" (Slurm chains read it; see examples/slurm).
+    requeue_exit_code: int = Field(3, ge=1, le=255)
+    merge: MergeConfig = Field(default_factory=MergeConfig)  # averaged checkpoints on a token schedule
+
+
+@documented
+class LoggingConfig(_Section):
+    """Stdout and TensorBoard logging."""
+
+    log_interval: int = Field(1, ge=1)  # iterations between stdout/TensorBoard lines
+    tensorboard_dir: Optional[str] = None  # TensorBoard event files; None: no TensorBoard
+    log_moe_expert_load: bool = True  # log max/mean tokens per expert for every MoE layer
+    # Peak TFLOP/s per device for 'mfu'; None: datasheet BF16 peak of known GPUs, else a measured GEMM peak (CPU).
+    peak_tflops_per_device: Optional[float] = Field(None, gt=0)
+
+
+@documented
+class ClusterConfig(_Section):
+    """The cluster the run is planned for: what `foldtron preflight` checks memory on, and (gpus) the job size
+    training expects, so a stage is not started on a job its layout was not planned for."""
+
+    gpus: Optional[int] = Field(None, ge=1)  # GPUs (ranks) of the job; None: any (tests, laptops)
+    gpu: Optional[str] = None  # GPU kind for memory and step-time estimates: h100, h200, b200, gb200
+
+
+
+@documented
 class RunConfig(_Section):
     """One run: model, layout, precision, data, schedule (stages), checkpoints and logging."""
 
@@ -169,6 +238,7 @@ class RunConfig(_Section):
     stages: list[StageConfig] = Field(default_factory=list)  # the schedule in order; empty: one stage from `train`
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
@@ -290,6 +360,19 @@ def build_config(raw: dict) -> RunConfig:
         raise ConfigError(format_validation_error(e)) from None
 
 
+#: Paths that, written relative in a config file, are read relative to that file: a plan ships beside its config.
+#: (On the command line, `data.curriculum=...` is relative to the working directory, as every shell path is.)
+_FILE_RELATIVE = (("data", "curriculum"),)
+
+
+def _relative_to_file(raw: dict, path: Path) -> dict:
+    for section, key in _FILE_RELATIVE:
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            raw = dict(raw, **{section: dict(raw[section], **{key: str(path.parent / value)})})
+    return raw
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Read a YAML run config (or start from the defaults), apply dotted overrides, validate."""
     raw: Any = {}
@@ -303,6 +386,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    if path is not None:
+        raw = _relative_to_file(raw, Path(path))
     raw = apply_overrides(raw, list(overrides or []))
     return build_config(raw)
 

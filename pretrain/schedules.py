@@ -46,11 +46,16 @@ def scheduler_kwargs(train: TrainConfig) -> dict[str, Any]:
     )
 
 
-def build_scheduler(optimizer: Any, train: TrainConfig):
-    """The Megatron-Core scheduler driving `optimizer.param_groups[*]['lr']` for one stage."""
+def build_scheduler(optimizer: Any, train: TrainConfig, offset: int = 0):
+    """The Megatron-Core scheduler driving `optimizer.param_groups[*]['lr']` for one stage, positioned `offset`
+    steps into its curve (a stage that is a window of the run's LR curve starts where the previous one ended; a
+    resumed stage then loads its checkpointed `num_steps`, which counts from the curve's start too)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    return OptimizerParamScheduler(optimizer, **scheduler_kwargs(train))
+    sched = OptimizerParamScheduler(optimizer, **scheduler_kwargs(train))
+    if offset:
+        sched.step(offset)
+    return sched
 
 
 class _Groups:
@@ -60,11 +65,31 @@ class _Groups:
         self.param_groups: list[dict] = [{}]
 
 
-def lr_curve(train: TrainConfig, iters: int | None = None) -> list[float]:
+def restore_scheduler(sched: Any, state: dict) -> None:
+    """Load a checkpointed scheduler state. Megatron's `load_state_dict` *adds* the saved `num_steps` to the
+    current count (megatron/core/optimizer_param_scheduler.py:390, `self.step(increment=num_steps)`): it expects a
+    fresh scheduler at 0, and one built `offset` steps into the run's curve would land offset steps too far."""
+    sched.num_steps = 0
+    sched.load_state_dict(state)
+
+
+def lr_curve(train: TrainConfig, iters: int | None = None, offset: int = 0) -> list[float]:
     """LR at iterations 0..iters-1 (the LR used by the update of iteration i+1), for plots and checks."""
-    sched = build_scheduler(_Groups(), train)
+    sched = build_scheduler(_Groups(), train, offset)
     out = []
     for _ in range(train.train_iters if iters is None else iters):
         out.append(sched.optimizer.param_groups[0]["lr"])
         sched.step(1)
+    return out
+
+
+def lr_at(train: TrainConfig, steps: list[int], offset: int = 0) -> list[float]:
+    """LR at the given iterations of a stage (0-based, in the stage), from Megatron's own `get_lr`: for plotting
+    a million-step run at a few thousand points without stepping through every one."""
+    sched = build_scheduler(_Groups(), train, offset)
+    group = sched.optimizer.param_groups[0]
+    out = []
+    for i in steps:
+        sched.num_steps = offset + i
+        out.append(float(sched.get_lr(group)))
     return out

@@ -34,7 +34,7 @@ def sample(seed: int, index: int, seq_length: int, vocab_size: int) -> np.ndarra
 
 
 class SyntheticLoader:
-    def __init__(self, *, seq_length: int, vocab_size: int, micro_batch_size: int, global_batch_size: int,
+    def __init__(self, *, seq_length: int | list[int], vocab_size: int, micro_batch_size: int, global_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 1234, num_batches: int | None = None,
                  phase: str = "synthetic"):
         if not 0 <= dp_rank < dp_size:
@@ -42,7 +42,9 @@ class SyntheticLoader:
         if global_batch_size % (dp_size * micro_batch_size):
             raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of dp_size {dp_size} x "
                              f"micro_batch_size {micro_batch_size}")
-        self.seq_length, self.vocab_size, self.seed, self.phase = seq_length, vocab_size, seed, phase
+        # A list alternates per global batch, as a curriculum phase's does (long-context stage 2).
+        self.seq_lengths = list(seq_length) if isinstance(seq_length, (list, tuple)) else [seq_length]
+        self.seq_length, self.vocab_size, self.seed, self.phase = self.seq_lengths[0], vocab_size, seed, phase
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.micro_batches_per_batch = global_batch_size // (dp_size * micro_batch_size)
@@ -61,15 +63,15 @@ class SyntheticLoader:
     def _micro(self, b: int, m: int) -> dict:
         first = b * self.global_batch_size + self.dp_rank * (self.global_batch_size // self.dp_size)
         first += m * self.micro_batch_size
-        rows = np.stack([sample(self.seed, first + i, self.seq_length, self.vocab_size)
-                         for i in range(self.micro_batch_size)])
+        seq = self.seq_lengths[b % len(self.seq_lengths)]
+        rows = np.stack([sample(self.seed, first + i, seq, self.vocab_size) for i in range(self.micro_batch_size)])
         rows_t = torch.from_numpy(rows)
         return {
             "tokens": rows_t[:, :-1].contiguous(),
             "labels": rows_t[:, 1:].contiguous(),
             # Host-side batch, like the shard loader's: the forward step moves it to the backend's device.
-            "loss_mask": torch.ones(self.micro_batch_size, self.seq_length, dtype=torch.float32, device="cpu"),
-            "position_ids": torch.arange(self.seq_length, device="cpu").unsqueeze(0)
+            "loss_mask": torch.ones(self.micro_batch_size, seq, dtype=torch.float32, device="cpu"),
+            "position_ids": torch.arange(seq, device="cpu").unsqueeze(0)
             .expand(self.micro_batch_size, -1).contiguous(),
         }
 

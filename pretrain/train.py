@@ -52,11 +52,11 @@ def default_model_provider(model_cfg, *, pre_process: bool, post_process: bool, 
                        vp_stage=vp_stage, config=transformer_config(model_cfg, **parallel_kwargs))
 
 
-def performance_kwargs(cfg: RunConfig) -> dict:
-    """TransformerConfig fields of the run's performance settings (recompute, TP comm overlap)."""
+def performance_kwargs(cfg: RunConfig, stage: Optional[Stage] = None) -> dict:
+    """TransformerConfig fields of the stage's (else the run's) performance settings (recompute, TP comm overlap)."""
     from model.backend import resolve_backend
 
-    perf = cfg.performance.resolved(resolve_backend(cfg.backend).name)
+    perf = ((stage.performance if stage else None) or cfg.performance).resolved(resolve_backend(cfg.backend).name)
     kw: dict = {"tp_comm_overlap": perf["tp_comm_overlap"]}
     if perf["recompute"] == "selective":
         # Megatron-Core's selective recompute modules matching the planner's `selective` (parallel/memory.py).
@@ -89,7 +89,7 @@ def make_loader(cfg: RunConfig, stage: Stage, dp_rank: int, dp_size: int):
     if cfg.data.mock:
         from pretrain.synthetic import SyntheticLoader
 
-        return SyntheticLoader(seq_length=t.seq_length, vocab_size=cfg.model.vocab_size,
+        return SyntheticLoader(seq_length=list(stage.lengths), vocab_size=cfg.model.vocab_size,
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                                dp_rank=dp_rank, dp_size=dp_size, seed=cfg.data.seed, phase=stage.phase or stage.name)
     if not cfg.data.shards_dir:
@@ -238,7 +238,7 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
         extra = {} if vp is None else {"vp_stage": vp}  # providers without vpp support keep their signature
         chunk = provider(cfg.model, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                          post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                         parallel_kwargs={**parallel_kwargs(stage), **performance_kwargs(cfg)},
+                         parallel_kwargs={**parallel_kwargs(stage), **performance_kwargs(cfg, stage)},
                          precision=build_precision, **extra)
         chunk.config.calculate_per_token_loss = True
         place_on_device(chunk)
@@ -257,12 +257,12 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
         chunks.append(chunk)
     from model.backend import resolve_backend
 
-    perf = cfg.performance.resolved(resolve_backend(cfg.backend).name)
+    perf = (stage.performance or cfg.performance).resolved(resolve_backend(cfg.backend).name)
     model = wrap_ddp(chunks, stage.parallel, bf16, overlap_grad_reduce=perf["overlap_grad_reduce"],
                      overlap_param_gather=perf["overlap_param_gather"])
     install_grad_sync(model)
     optimizer = build_optimizer(model, stage.train, stage.parallel, bf16)
-    scheduler = build_scheduler(optimizer, stage.train)
+    scheduler = build_scheduler(optimizer, stage.train, offset=stage.lr_offset)
     return model, optimizer, scheduler
 
 
@@ -351,7 +351,9 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
     from model.adapt.lowp import set_sr_step
     from model.counting import forward_flops
     from parallel import groups
+    from pretrain.merge import after_save as merge_after_save
     from pretrain.optimizer import params_norm
+    from pretrain.schedules import restore_scheduler
     from pretrain.tensorboard_log import TrainLogger, memory_scalars, peak_tflops, stdout_line
 
     t = stage.train
@@ -359,7 +361,13 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
     # Megatron-Core's own checks are bare asserts deep inside (pattern split into pp*vpp chunks, heads over tp,
     # micro-batches a multiple of pp, ...): every layout is validated against the model and batch first, so the
     # error names the field to change, before any group exists.
-    stage.parallel.validate(cfg.model, dist.get_world_size(), t.seq_length, t.micro_batch_size, t.global_batch_size)
+    if stage.gpus is not None and dist.get_world_size() != stage.gpus:
+        raise TrainingAborted(
+            f"stage {stage.name} is planned for {stage.gpus} GPUs ({'stages.' + str(stage.index) + '.gpus' if cfg.stages and cfg.stages[stage.index].gpus else 'cluster.gpus'}) "
+            f"but this job has {dist.get_world_size()} ranks: submit it on its planned size, or change that field "
+            f"(and check the layout with `foldtron preflight`)")
+    for seq in stage.lengths:
+        stage.parallel.validate(cfg.model, dist.get_world_size(), seq, t.micro_batch_size, t.global_batch_size)
     groups.setup(stage.parallel, seed=t.seed, backend=cfg.backend)
     try:
         world = dist.get_world_size()
@@ -367,9 +375,10 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ValueError(f"stage {stage.name}: global_batch_size {t.global_batch_size} is not a multiple of "
                              f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
-        if t.seq_length % (2 * stage.parallel.cp) and stage.parallel.cp > 1:
-            raise ValueError(f"stage {stage.name}: seq_length {t.seq_length} must divide into 2*cp="
-                             f"{2 * stage.parallel.cp} chunks for context parallelism")
+        for seq in stage.lengths:
+            if seq % (2 * stage.parallel.cp) and stage.parallel.cp > 1:
+                raise ValueError(f"stage {stage.name}: seq_length {seq} must divide into 2*cp="
+                                 f"{2 * stage.parallel.cp} chunks for context parallelism")
         num_micro = t.global_batch_size // (t.micro_batch_size * dp)
         telemetry = make_telemetry(stage)
         model, optimizer, scheduler = _build(cfg, stage, provider, telemetry)
@@ -389,7 +398,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
         info = ckpt.latest(load_dir, stage.name)
         if info is not None:
             common = ckpt.load(info, model, optimizer, layout=stage.parallel, full=True)
-            scheduler.load_state_dict(common["scheduler"])
+            restore_scheduler(scheduler, common["scheduler"])  # counts from the curve's start
             loader.load_state_dict(common["loader"])
             iteration, resumed_from = int(common["iteration"]), int(common["iteration"])
             tokens_before = int(common["consumed_tokens"]) - int(common["stage_tokens"])
@@ -416,9 +425,9 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
         # ---- logging set-up
         is_last = dist.get_rank() == world - 1
         logger = TrainLogger(cfg.logging.tensorboard_dir, is_last, stage.name)
-        tokens_per_iter = t.global_batch_size * t.seq_length
         # The one FLOP model (model/counting.py, held to torch's FlopCounterMode): the planner's MFU uses it too.
-        flops_per_iter = forward_flops(cfg.model, t.seq_length)["training_total"] * tokens_per_iter
+        # Per sequence length: a stage may alternate them (tokens are counted as trained, batch by batch).
+        flops_per_token = {n: forward_flops(cfg.model, n)["training_total"] for n in stage.lengths}
         peak, peak_src = peak_tflops(cfg.logging.peak_tflops_per_device,
                                      torch.float32 if stage.precision.recipe == "fp32" else torch.bfloat16)
         n_moe = cfg.model.all_symbols.count("E") if cfg.model.mtp_num_layers else cfg.model.hybrid_override_pattern.count("E")
@@ -437,7 +446,9 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             # Arms the probes for this step; counted over the whole run so the interval spans stages.
             quant_step = telemetry is not None and telemetry.step(step_offset + iteration + 1)
             set_sr_step(model, step_offset + iteration + 1)  # SR stream positioned by step: resumes are exact
-            step = train_step(model, optimizer, data_iter, num_micro=num_micro, seq_length=t.seq_length,
+            seq = stage.seq_length_at(iteration)  # the loader cycles the phase's lengths the same way
+            tokens_per_iter = t.global_batch_size * seq
+            step = train_step(model, optimizer, data_iter, num_micro=num_micro, seq_length=seq,
                               micro_batch_size=t.micro_batch_size)
             loss, grad_norm = step["loss"], step["grad_norm"]
             if step["nonfinite_ranks"]:
@@ -460,7 +471,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
             iteration += 1
             dt = time.perf_counter() - t0
             history.append((iteration, loss))
-            stage_tokens = iteration * tokens_per_iter
+            stage_tokens = stage.tokens(iteration)
             consumed = tokens_before + stage_tokens
 
             # Megatron's trackers reduce across ranks every step (they accumulate otherwise).
@@ -475,7 +486,7 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
                     "grad-norm": None if grad_norm is None else float(grad_norm),
                     "params-norm": params_norm(model), "batch-size": float(t.global_batch_size),
                     "iteration-time": dt, "tokens-per-sec": tokens_per_iter / dt,
-                    "throughput": flops_per_iter / dt / world / 1e12,
+                    "throughput": flops_per_token[seq] * tokens_per_iter / dt / world / 1e12,
                     "consumed-tokens": float(consumed), "skipped-iterations": float(counters["skipped"]),
                     "nan-iterations": float(counters["nan"]),
                 }
@@ -515,19 +526,21 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
                 last_path = ckpt.save(save_dir, stage.name, iteration, model, optimizer, common=common,
                                       layout=stage.parallel, keep_last=cfg.checkpoint.keep_last)
                 _print(f" [{stage.name}] saved checkpoint {last_path}")
+                merge_after_save(cfg, stage.name, consumed)  # checkpoint.merge's token schedule (pretrain/merge.py)
             if reason and not done:
                 exit_reason = reason
                 _print(f" [{stage.name}] stopping at iteration {iteration} ({reason}); "
                        f"exit code {cfg.checkpoint.requeue_exit_code} asks for a requeue")
                 break
         logger.close()
-        run_state["consumed_tokens"] = tokens_before + iteration * tokens_per_iter
+        run_state["consumed_tokens"] = tokens_before + stage.tokens(iteration)
         steady = times[1:] or times
+        steady_tokens = stage.tokens(iteration) - stage.tokens(iteration - len(steady)) if steady else 0
         return {
             "name": stage.name, "iterations": [i for i, _ in history], "losses": [v for _, v in history],
             "resumed_from": resumed_from, "started_from": start_from, "final_iteration": iteration,
             "completed": iteration == t.train_iters, "exit": exit_reason,
-            "tokens_per_sec": (tokens_per_iter * len(steady) / sum(steady)) if steady else None,
+            "tokens_per_sec": (steady_tokens / sum(steady)) if steady else None,
             "checkpoint": None if last_path is None else str(last_path), "layout": stage.parallel.model_dump(),
             "skipped_iterations": counters["skipped"], "peak_tflops": peak, "peak_source": peak_src,
             "step_times": times,

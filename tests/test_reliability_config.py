@@ -74,6 +74,12 @@ def test_real_data_needs_an_existing_tokenizer_and_paths(tmp_path):
         tmp_path / "tok.json")
     with pytest.raises(ConfigError, match=r"has \d+ tokens but model\.vocab_size is 256"):
         resolve(load_config(TINY, base + [f"data.tokenizer={tmp_path / 'tok.json'}", "model.vocab_size=256"]))
+    # The curriculum is read before any stage: an unplannable one is an error now, not at its stage's start.
+    with pytest.raises(ConfigError, match=r"data\.curriculum: .*cur\.yaml: phases: List should have at least 1"):
+        resolve(load_config(TINY, base + [f"data.tokenizer={tmp_path / 'tok.json'}"]))
+    cur.write_text("phases:\n" + "".join(
+        f"  - {{name: {n}, tokens: 10000, seq_length: {s}, global_batch_size: {g}, blend: {{a: 1}}}}\n"
+        for n, s, g in (("phase1", 32, 8), ("phase2", 32, 8), ("long-context", 128, 4))))
     stages = resolve(load_config(TINY, base + [f"data.tokenizer={tmp_path / 'tok.json'}"]))
     assert len(stages) == 3
     resolve(load_config(TINY))  # mock data needs none of it
