@@ -37,7 +37,8 @@ _USER_ERRORS = (("pretrain.export_hf", "ExportError"), ("data_pipeline.curate", 
                 ("data_pipeline.sources", "SourceError"), ("data_pipeline.shards", "CuratedInputError"),
                 ("data_pipeline.manifest", "ShardError"), ("data_pipeline.tokenizer", "TokenizerError"),
                 ("data_pipeline.curriculum", "CurriculumError"), ("parallel.layout", "LayoutError"),
-                ("pretrain.checkpoint", "CheckpointError"), ("pretrain.checkpoint", "RunLockError"))
+                ("pretrain.checkpoint", "CheckpointError"), ("pretrain.checkpoint", "RunLockError"),
+                ("pretrain.merge", "MergeError"))
 
 
 def _is_user_error(e: BaseException) -> bool:
