@@ -546,19 +546,48 @@ def load_foldtron(checkpoint_dir: Union[str, Path], config: Any = None):
     return model, cfg, ckpt
 
 
+#: verify-hf's default tolerance on max relative |Δlogits|, by the export's dtype. A bf16 export is compared with
+#: Foldtron's weights rounded to bf16 as the export rounded them (router weights kept fp32), so what is measured is
+#: the mapping and the kernels, not the rounding; 1e-3 leaves room for fp32 sums over bf16-valued weights.
+VERIFY_TOL = {"fp32": 1e-4, "bf16": 1e-3}
+
+
+def export_dtype(hf_dir: Union[str, Path]) -> str:
+    """"bf16" or "fp32": from the export marker (`dtype`), else config.json's torch_dtype / dtype."""
+    hf_dir = Path(hf_dir)
+    marker = hf_dir / EXPORT_MARKER
+    if marker.is_file():
+        d = json.loads(marker.read_text()).get("dtype")
+        if d in DTYPES:
+            return d
+    conf = hf_dir / "config.json"
+    if not conf.is_file():
+        raise ExportError(f"{hf_dir} is not an HF export: no config.json")
+    raw = json.loads(conf.read_text())
+    name = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
+    return {"bfloat16": "bf16", "float32": "fp32"}.get(name, "fp32")
+
+
 @torch.no_grad()
 def verify_export(hf_dir: Union[str, Path], checkpoint_dir: Union[str, Path], *, config: Any = None,
                   batch: int = 2, seq_len: int = 24, new_tokens: int = 8, seed: int = 0) -> Dict[str, Any]:
     """Run one random token batch through the exported model (transformers' NemotronHForCausalLM, fp32) and
-    through Foldtron (fp32, weights from the checkpoint); report max |Δ| of every layer's output grouped by layer
-    kind, of the logits, and whether greedy generation (transformers' `generate`, with its Mamba/KV cache)
-    produces Foldtron's tokens (Foldtron: full recompute per step)."""
+    through Foldtron (fp32, weights from the checkpoint, rounded to the export's dtype first); report max |Δ| of every
+    layer's output grouped by layer kind, of the logits, and whether greedy generation (transformers' `generate`,
+    with its Mamba/KV cache) produces Foldtron's tokens (Foldtron: full recompute per step). `tolerance` in the
+    result is the default bar for the export's dtype (VERIFY_TOL)."""
     from transformers import NemotronHForCausalLM
 
     single_process_state()
+    dtype = export_dtype(hf_dir)
     model, cfg, ckpt = load_foldtron(checkpoint_dir, config)
+    if dtype != "fp32":  # the export rounded every tensor but the router's (FP32_NAMES)
+        for name, p in model.named_parameters():
+            if ".router." not in name:
+                p.copy_(p.to(DTYPES[dtype]).float())
     hf = NemotronHForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed),
+                        device=torch.device("cpu"))
 
     ours_h, theirs_h = {}, {}
 
@@ -571,7 +600,7 @@ def verify_export(hf_dir: Union[str, Path], checkpoint_dir: Union[str, Path], *,
     handles = [layer.register_forward_hook(grab(ours_h, i, True)) for i, layer in enumerate(model.decoder.layers)]
     handles += [layer.register_forward_hook(grab(theirs_h, i, False)) for i, layer in enumerate(hf.model.layers)]
     try:
-        pos = torch.arange(seq_len).expand(batch, seq_len)
+        pos = torch.arange(seq_len, device=torch.device("cpu")).expand(batch, seq_len)
         ours = model(ids, pos, None)
         theirs = hf(input_ids=ids).logits
     finally:
@@ -588,12 +617,13 @@ def verify_export(hf_dir: Union[str, Path], checkpoint_dir: Union[str, Path], *,
 
     gen = ids
     for _ in range(new_tokens):
-        logits = model(gen, torch.arange(gen.shape[1]).expand(batch, -1), None)
+        logits = model(gen, torch.arange(gen.shape[1], device=torch.device("cpu")).expand(batch, -1), None)
         gen = torch.cat([gen, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     hf.generation_config.eos_token_id = None  # a random model may emit EOS; compare all new_tokens
     hf_gen = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return {
-        "hf_dir": str(hf_dir), "checkpoint": str(ckpt), "tokens": [batch, seq_len],
+        "hf_dir": str(hf_dir), "checkpoint": str(ckpt), "tokens": [batch, seq_len], "export_dtype": dtype,
+        "tolerance": VERIFY_TOL[dtype],
         "logits_max_abs_diff": dl, "logits_max_rel_diff": dl / theirs.abs().max().item(),
         "per_layer_kind": per_kind, "per_layer": per_layer,
         "greedy_equal": torch.equal(gen[:, seq_len:], hf_gen[:, seq_len:]),

@@ -11,13 +11,21 @@ Two things modelopt leaves to us, fixed here:
   (Nemotron 3 Super keeps its MTP layers in BF16) into `mtp.safetensors`, listed in the index.
 - With transformers 5's checkpoint key mapping modelopt 0.47 writes excluded-module names with a
   "\\x00backbone.pt_name_sentinel" tail; they are cut back to the module names (`lm_head`, `backbone.layers.3.mixer.gate`).
-Calibration: token batches you pass (`calib_tokens`), else random tokens (then `calibration` in the result says
-so: fine for a format check, not for a production checkpoint).
+Calibration and the quality bar: `calib_tokens` are the calibration windows (for a serving checkpoint: held-out
+windows of a curriculum phase, `calibration_from_run` / data_pipeline/heldout.py, recorded with size, seed and phase
+in `foldtron_export.json`); without them random tokens are used and the result says so (a format check only).
+With `eval_tokens` (held-out windows disjoint from the calibration ones) the export measures what quantization
+costs: the same BF16 model is run on them before and after `mtq.quantize` (modelopt's fake-quant NVFP4 weights and
+activations, i.e. the numbers the NVFP4 GEMMs compute), giving next-token loss, perplexity of both, the relative
+perplexity increase and the top-1 agreement of the two; `max_ppl_increase` refuses the export (ExportError, nothing
+written) when the increase is above it. Measured on the quickstart model (CPU, 16 x 128 calibration and 16 x 128
+evaluation tokens): the README's serving-export section has the numbers.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -35,10 +43,64 @@ def _clean(name: str) -> str:
     return name.split("\x00", 1)[0].rstrip(".")
 
 
+@torch.no_grad()
+def next_token_quality(model, tokens: torch.Tensor) -> Dict[str, Any]:
+    """Mean next-token loss over windows [N, L] (every position but the last of each window), and the argmax tokens."""
+    losses, preds = [], []
+    for row in tokens:
+        logits = model(input_ids=row.unsqueeze(0)).logits[0, :-1].float()
+        losses.append(torch.nn.functional.cross_entropy(logits, row[1:], reduction="none"))
+        preds.append(logits.argmax(-1))
+    loss = torch.cat(losses).mean().item()
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": int(sum(x.numel() for x in losses)), "preds": torch.cat(preds)}
+
+
+def quality_delta(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]:
+    return {"tokens": before["tokens"], "bf16_loss": before["loss"], "nvfp4_loss": after["loss"],
+            "bf16_ppl": before["ppl"], "nvfp4_ppl": after["ppl"], "loss_delta": after["loss"] - before["loss"],
+            "ppl_increase": after["ppl"] / before["ppl"] - 1.0,
+            "top1_agreement": (before["preds"] == after["preds"]).float().mean().item()}
+
+
+def calibration_from_run(config: Any, *, phase: Optional[str] = None, calib_size: int = 16, eval_size: int = 16,
+                         seq_length: int = 128, seed: int = 0, shards: Optional[str] = None,
+                         curriculum: Optional[str] = None, data_seed: Optional[int] = None):
+    """(calibration windows, evaluation windows, their record) from the run's own shards: two disjoint held-out
+    splits of `phase` (default: the run's last stage's phase). `config`: RunConfig or YAML path, or None with
+    shards / curriculum / phase / data_seed given."""
+    from data_pipeline.heldout import held_out_splits
+
+    if isinstance(config, (str, Path)):
+        from pretrain.config import load_config
+
+        config = load_config(config)
+    data = getattr(config, "data", None)
+    shards = shards or (data.shards_dir if data else None)
+    curriculum = curriculum or (data.curriculum if data else None)
+    data_seed = data_seed if data_seed is not None else (data.seed if data else None)
+    if phase is None and getattr(config, "stages", None):
+        phase = config.stages[-1].phase or config.stages[-1].name
+    missing = [n for n, v in (("shards", shards), ("curriculum", curriculum), ("phase", phase),
+                              ("data seed", data_seed)) if v is None]
+    if missing:
+        raise ExportError(f"NVFP4 calibration on real data needs the run's {', '.join(missing)}: pass --config RUN.yaml "
+                          "(its data section and stages) or --calib-shards/--calib-curriculum/--calib-phase/"
+                          "--calib-data-seed")
+    splits, meta = held_out_splits(shards, curriculum, phase, {"calibration": calib_size, "evaluation": eval_size},
+                                   seq_length, seed=seed, data_seed=data_seed)
+    dev = torch.device("cpu")
+    return (torch.as_tensor(splits["calibration"], device=dev), torch.as_tensor(splits["evaluation"], device=dev),
+            meta)
+
+
 def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, calib_tokens: Optional[torch.Tensor] = None,
-                 exclude: Sequence[str] = DEFAULT_EXCLUDE, overwrite: bool = False, seed: int = 0) -> Dict[str, Any]:
+                 exclude: Sequence[str] = DEFAULT_EXCLUDE, overwrite: bool = False, seed: int = 0,
+                 calibration_meta: Optional[Dict[str, Any]] = None, eval_tokens: Optional[torch.Tensor] = None,
+                 max_ppl_increase: Optional[float] = None) -> Dict[str, Any]:
     """Quantize the BF16 HF export in `hf_dir` to NVFP4 (weights and activations of every Linear, 16-element
-    blocks) and write it to `output_dir` (atomically). `exclude`: extra module-name globs kept in BF16."""
+    blocks) and write it to `output_dir` (atomically). `exclude`: extra module-name globs kept in BF16.
+    `eval_tokens`: held-out windows for the BF16-vs-NVFP4 quality report; `max_ppl_increase` (relative, 0.05 = 5 %)
+    fails the export when quantization raises their perplexity more (needs `eval_tokens`)."""
     try:
         import modelopt.torch.quantization as mtq
         from modelopt.torch.export import export_hf_checkpoint
@@ -50,15 +112,29 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
     from pretrain.import_hf import HFCheckpoint
 
     src, output = Path(hf_dir), Path(output_dir)
+    if max_ppl_increase is not None and eval_tokens is None:
+        raise ExportError("max_ppl_increase needs eval_tokens (held-out windows to measure the perplexity on)")
+    for what, t in (("calib_tokens", calib_tokens), ("eval_tokens", eval_tokens)):
+        if t is not None and (t.dim() != 2 or t.shape[0] == 0 or t.shape[1] < 2 or t.dtype != torch.long):
+            raise ExportError(f"NVFP4 export: {what} must be a non-empty int64 tensor [windows, tokens >= 2], got "
+                              f"{t.dtype} {tuple(t.shape)}")
     check_output(output, overwrite)
     hf = HFCheckpoint(src)  # validates files (truncation, index) before the long part
     mtp_names = sorted(n for n in hf.where if n.startswith("mtp."))
     model = NemotronHForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).eval()
+    vocab = model.config.vocab_size
+    for what, t in (("calib_tokens", calib_tokens), ("eval_tokens", eval_tokens)):
+        if t is not None and (int(t.min()) < 0 or int(t.max()) >= vocab):
+            raise ExportError(f"NVFP4 export: {what} hold token ids {int(t.min())}..{int(t.max())}, outside the "
+                              f"vocabulary of {src} ({vocab})")
     if calib_tokens is None:
-        calib_tokens = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(seed))
-        calibration = "random tokens (format check only; pass calib_tokens for a production checkpoint)"
+        calib_tokens = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(seed),
+                                     device=torch.device("cpu"))
+        calibration: Dict[str, Any] = {"source": "random tokens (format check only; pass calib_tokens for a "
+                                                 "production checkpoint)", "shape": list(calib_tokens.shape)}
     else:
-        calibration = f"{tuple(calib_tokens.shape)} given tokens"
+        calibration = {"source": "given tokens", **(calibration_meta or {}), "shape": list(calib_tokens.shape)}
+    before = next_token_quality(model, eval_tokens) if eval_tokens is not None else None
     cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
     for pat in exclude:  # later entries win in modelopt's list of quantizer patterns
         cfg["quant_cfg"].append({"quantizer_name": pat, "enable": False})
@@ -69,6 +145,18 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
                 m(input_ids=row.unsqueeze(0))
 
     model = mtq.quantize(model, cfg, forward_loop)
+    quality = None
+    if before is not None:
+        quality = quality_delta(before, next_token_quality(model, eval_tokens))
+        if max_ppl_increase is not None:
+            quality["max_ppl_increase"] = max_ppl_increase
+            if not quality["ppl_increase"] <= max_ppl_increase:  # NaN fails too
+                hf.close()
+                raise ExportError(
+                    f"NVFP4 export of {src} misses the quality bar: held-out perplexity {quality['bf16_ppl']:.4g} (BF16) "
+                    f"-> {quality['nvfp4_ppl']:.4g} (NVFP4), +{100 * quality['ppl_increase']:.2f} % > "
+                    f"{100 * max_ppl_increase:.2f} % allowed (top-1 agreement {quality['top1_agreement']:.3f}, "
+                    f"calibration: {calibration.get('phase', calibration['source'])}); nothing written to {output}")
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -106,7 +194,8 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
         total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                                     indent=2) + "\n")
-        write_marker(tmp, {"kind": "nvfp4", "source": str(src), "quant_algo": q["quantization"]["quant_algo"]})
+        write_marker(tmp, {"kind": "nvfp4", "source": str(src), "quant_algo": q["quantization"]["quant_algo"],
+                           "calibration": calibration, "quality": quality})
         install_output(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,4 +204,5 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
         hf.close()
     return {"output": str(output), "quant_algo": q["quantization"]["quant_algo"],
             "group_size": q["quantization"].get("group_size"), "exclude_modules": q["quantization"]["exclude_modules"],
-            "tensors": len(weight_map), "mtp_tensors_bf16": len(mtp_names), "calibration": calibration}
+            "tensors": len(weight_map), "mtp_tensors_bf16": len(mtp_names), "calibration": calibration,
+            "quality": quality}

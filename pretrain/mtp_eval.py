@@ -34,7 +34,10 @@ import torch
 DEVICE = torch.device("cpu")
 
 
-class MTPEvalError(ValueError):
+from pretrain.export_hf import ExportError  # noqa: E402  (the CLI prints ExportError as one line, exit 2)
+
+
+class MTPEvalError(ExportError):
     """Input eval-mtp cannot use (no MTP block, missing MTP tensors, bad options); names what is wrong."""
 
 
