@@ -82,8 +82,18 @@ def hf_config_dict(cfg: ModelConfig) -> Dict[str, Any]:
                  moe_latent_size=cfg.moe_latent_size, routed_scaling_factor=cfg.moe_router_topk_scaling_factor,
                  norm_topk_prob=True, n_group=1, topk_group=1)
     if cfg.mtp_num_layers:
-        d.update(num_nextn_predict_layers=cfg.mtp_num_layers, mtp_hybrid_override_pattern=cfg.mtp_hybrid_override_pattern)
+        d.update(num_nextn_predict_layers=MTP_WEIGHT_SETS, mtp_hybrid_override_pattern=cfg.mtp_hybrid_override_pattern,
+                 foldtron_mtp_depths=cfg.mtp_num_layers)
     return d
+
+
+#: `num_nextn_predict_layers` counts MTP weight sets, not depths: Foldtron trains one shared block
+#: (mtp_use_repeated_layer) applied `mtp_num_layers` times, and the serving loaders read exactly one
+#: (vllm-project/vllm vllm/model_executor/models/nemotron_h_mtp.py and sgl-project/sglang
+#: python/sglang/srt/models/nemotron_h_mtp.py, NemotronHMultiTokenPredictor.__init__:
+#: `assert self.num_mtp_layers == 1, "Only one MTP layer is supported for NemotronH-MTP"`); the depth a server
+#: drafts is its own setting (num_speculative_tokens). The trained depth travels as `foldtron_mtp_depths`.
+MTP_WEIGHT_SETS = 1
 
 
 def _layer_keys(sub: str, t: torch.Tensor, cfg: ModelConfig, sym: str) -> Iterable[Tuple[str, torch.Tensor]]:
@@ -298,7 +308,7 @@ def model_config_from_hf(d: Dict[str, Any], **overrides: Any) -> ModelConfig:
                  moe_latent_size=d.get("moe_latent_size"),
                  moe_router_topk_scaling_factor=d.get("routed_scaling_factor", 1.0))
     if d.get("num_nextn_predict_layers"):
-        f.update(mtp_num_layers=d["num_nextn_predict_layers"],
+        f.update(mtp_num_layers=d.get("foldtron_mtp_depths") or d["num_nextn_predict_layers"],
                  mtp_hybrid_override_pattern=_pattern_from_hf(d, "mtp_hybrid_override_pattern",
                                                               "mtp_layers_block_type"))
     f.update(overrides)

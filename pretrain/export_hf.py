@@ -311,11 +311,15 @@ def config_json(cfg: ModelConfig, dtype: torch.dtype, special: Dict[str, Optiona
     d.update(hybrid_override_pattern=cfg.hybrid_override_pattern, num_hidden_layers=cfg.num_layers,
              torch_dtype=str(dtype).removeprefix("torch."))
     d.setdefault("moe_latent_size", cfg.moe_latent_size)
-    d["num_nextn_predict_layers"] = cfg.mtp_num_layers
+    from model.hf_mapping import MTP_WEIGHT_SETS
+
+    d["num_nextn_predict_layers"] = MTP_WEIGHT_SETS if cfg.mtp_num_layers else 0  # weight sets (hf_mapping)
     if cfg.mtp_num_layers:  # transformers rejects an explicit null here
         d["mtp_hybrid_override_pattern"] = cfg.mtp_hybrid_override_pattern
+        d["foldtron_mtp_depths"] = cfg.mtp_num_layers
     else:
         d.pop("mtp_hybrid_override_pattern", None)
+        d.pop("foldtron_mtp_depths", None)
     return d
 
 

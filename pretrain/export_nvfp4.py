@@ -172,7 +172,7 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
         if "ignore" in qc:
             qc["ignore"] = sorted({_clean(n) for n in qc["ignore"]})
         conf["hybrid_override_pattern"] = json.loads((src / "config.json").read_text()).get("hybrid_override_pattern")
-        for key in ("num_nextn_predict_layers", "mtp_hybrid_override_pattern"):
+        for key in ("num_nextn_predict_layers", "mtp_hybrid_override_pattern", "foldtron_mtp_depths"):
             if key in json.loads((src / "config.json").read_text()):
                 conf[key] = json.loads((src / "config.json").read_text())[key]
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")

@@ -131,7 +131,9 @@ def test_export_matches_transformers(saved, tmp_path, name):
         assert key in conf, key
     assert conf["model_type"] == "nemotron_h" and conf["mlp_hidden_act"] == "relu2"
     if preset in ("tiny", "tiny-8"):
-        assert conf["moe_latent_size"] == 32 and conf["num_nextn_predict_layers"] == 2
+        # one shared MTP block (the serving loaders read num_nextn_predict_layers == 1), trained at depth 2
+        assert conf["moe_latent_size"] == 32 and conf["num_nextn_predict_layers"] == 1
+        assert conf["foldtron_mtp_depths"] == 2
         assert conf["mtp_hybrid_override_pattern"] == "*E"
         assert v["mtp_tensors_exported"] > 0
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())

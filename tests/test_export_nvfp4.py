@@ -46,7 +46,8 @@ def test_nvfp4_export(tmp_path):
     assert q["quantization"]["quant_algo"] == "NVFP4"
     conf = json.loads((tmp_path / "nvfp4" / "config.json").read_text())
     assert conf["quantization_config"]["quant_method"] == "modelopt"
-    assert conf["hybrid_override_pattern"] == cfg.hybrid_override_pattern and conf["num_nextn_predict_layers"] == 2
+    assert conf["hybrid_override_pattern"] == cfg.hybrid_override_pattern and conf["num_nextn_predict_layers"] == 1
+    assert conf["foldtron_mtp_depths"] == 2
 
     index = json.loads((tmp_path / "nvfp4" / "model.safetensors.index.json").read_text())["weight_map"]
     bf16_index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())["weight_map"]
