@@ -55,8 +55,69 @@ def next_token_quality(model, tokens: torch.Tensor) -> Dict[str, Any]:
     return {"loss": loss, "ppl": math.exp(loss), "tokens": int(sum(x.numel() for x in losses)), "preds": torch.cat(preds)}
 
 
+class _CPUEmulation:
+    """modelopt 0.47's NVFP4 activation fake-quant asserts CUDA (modelopt/torch/quantization/tensor_quant.py
+    `_dynamic_block_quantize_impl`: "amax must be a CUDA tensor for dynamic block quantization"), so on CPU the
+    quantized model is run with modelopt's quantizers switched off and Foldtron's bit-exact NVFP4 emulation
+    (kernels/nvfp4.py `nvfp4_fake_quantize`, 16-element E4M3-scaled blocks) applied to every quantized 2-D Linear's
+    weight and input, with the global amax modelopt calibrated (input) or measured (weight). Modules whose weights
+    are not 2-D (transformers 5's fused 3-D expert tensors) keep BF16 here and are counted in `bf16_modules`."""
+
+    def __init__(self, model):
+        self.model, self.handles, self.restore = model, [], []
+        self.emulated = self.bf16 = 0
+
+    def __enter__(self):
+        from kernels.nvfp4 import nvfp4_fake_quantize
+
+        self.off = [q for q in self.model.modules()
+                    if type(q).__name__.endswith("TensorQuantizer") and getattr(q, "is_enabled", False)]
+        for _, m in self.model.named_modules():
+            iq, wq = getattr(m, "input_quantizer", None), getattr(m, "weight_quantizer", None)
+            if iq is None or wq is None or wq not in self.off:
+                continue
+            w = getattr(m, "weight", None)
+            if w is None or w.dim() != 2 or getattr(iq, "amax", None) is None:
+                self.bf16 += 1
+                continue
+            old = w.data
+            w.data = nvfp4_fake_quantize(old).to(old.dtype).view_as(old)
+            amax = iq.amax.detach().to(torch.float32).max()
+
+            def pre(_m, args, amax=amax):
+                x = args[0]
+                return (nvfp4_fake_quantize(x, amax=amax).to(x.dtype).view_as(x), *args[1:])
+
+            self.handles.append(m.register_forward_pre_hook(pre))
+            self.restore.append((m, old))
+            self.emulated += 1
+        for q in self.off:
+            q.disable()
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        for m, old in self.restore:
+            m.weight.data = old
+        for q in self.off:
+            q.enable()
+
+
+def quantized_quality(model, tokens: torch.Tensor) -> Dict[str, Any]:
+    """next_token_quality of the calibrated model: modelopt's fake-quant on CUDA (written, not run: no GPU here),
+    Foldtron's NVFP4 emulation with modelopt's calibrated amaxes on CPU (_CPUEmulation)."""
+    if tokens.is_cuda:
+        return {**next_token_quality(model, tokens), "numerics": "modelopt fake-quant (CUDA)"}
+    with _CPUEmulation(model) as emu:
+        q = next_token_quality(model, tokens)
+    return {**q, "numerics": "kernels/nvfp4 emulation of weights + inputs with modelopt's calibrated amax (CPU)",
+            "emulated_modules": emu.emulated, "bf16_modules": emu.bf16}
+
+
 def quality_delta(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]:
-    return {"tokens": before["tokens"], "bf16_loss": before["loss"], "nvfp4_loss": after["loss"],
+    return {"numerics": after.get("numerics"), "emulated_modules": after.get("emulated_modules"),
+            "bf16_modules": after.get("bf16_modules"), "tokens": before["tokens"], "bf16_loss": before["loss"], "nvfp4_loss": after["loss"],
             "bf16_ppl": before["ppl"], "nvfp4_ppl": after["ppl"], "loss_delta": after["loss"] - before["loss"],
             "ppl_increase": after["ppl"] / before["ppl"] - 1.0,
             "top1_agreement": (before["preds"] == after["preds"]).float().mean().item()}
@@ -147,7 +208,7 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
     model = mtq.quantize(model, cfg, forward_loop)
     quality = None
     if before is not None:
-        quality = quality_delta(before, next_token_quality(model, eval_tokens))
+        quality = quality_delta(before, quantized_quality(model, eval_tokens))
         if max_ppl_increase is not None:
             quality["max_ppl_increase"] = max_ppl_increase
             if not quality["ppl_increase"] <= max_ppl_increase:  # NaN fails too

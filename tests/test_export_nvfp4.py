@@ -79,3 +79,49 @@ def test_nvfp4_export(tmp_path):
     assert mtp.dtype == torch.bfloat16
     del src
 
+
+
+@pytest.mark.slow
+def test_nvfp4_calibrated_on_shards_held_to_quality_bar(tmp_path):
+    """Calibration windows and evaluation windows are held-out windows of a curriculum phase of real shards; the
+    export records them and its BF16-vs-NVFP4 quality; all-zero calibration batches trip the bar and write nothing."""
+    from megatron.core import dist_checkpointing
+
+    from model.build import build_model, init_single_process
+    from model.presets import get_preset
+    from pretrain.export_hf import ExportError, export_hf
+    from pretrain.export_nvfp4 import calibration_from_run, export_nvfp4
+    from tests.pipeline_data import build
+    from tests.test_export_hf import perturb
+
+    data = build(tmp_path / "data")
+    cur = {"name": "t", "phases": [{"name": "p1", "tokens": 4 * 4 * 64, "seq_length": 64, "global_batch_size": 4,
+                                    "blend": {"code": 0.5, "email": 0.3, "json": 0.2}}]}
+    calib, evals, meta = calibration_from_run(None, phase="p1", calib_size=8, eval_size=8, seq_length=64, seed=3,
+                                              shards=str(data["shards"]), curriculum=cur, data_seed=1234)
+    init_single_process()
+    cfg = get_preset("tiny")
+    model = build_model(cfg)
+    perturb(model, 5)
+    (tmp_path / "ckpt").mkdir()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp_path / "ckpt"))
+    export_hf(tmp_path / "ckpt", tmp_path / "bf16", "bf16", config=cfg)
+
+    res = export_nvfp4(tmp_path / "bf16", tmp_path / "nvfp4", calib_tokens=calib, eval_tokens=evals,
+                       calibration_meta=meta, max_ppl_increase=0.05)
+    q = res["quality"]
+    print("NVFP4 quality (random tiny model, 8 x 64 held-out tokens):", q)
+    assert q["tokens"] == 8 * 63 and 0 <= q["ppl_increase"] <= 0.05 and q["top1_agreement"] > 0.5
+    marker = json.loads((tmp_path / "nvfp4" / "foldtron_export.json").read_text())
+    assert marker["calibration"]["phase"] == "p1" and marker["calibration"]["seed"] == 3
+    assert marker["calibration"]["sizes"] == {"calibration": 8, "evaluation": 8}
+    assert marker["calibration"]["shape"] == [8, 64] and marker["quality"]["nvfp4_ppl"] == q["nvfp4_ppl"]
+
+    # the bar itself: a bar below the measured increase refuses the export and writes nothing. (All-zero calibration
+    # batches do not trip a 5 % bar on this random-weight model, whose perplexity is ~ its vocabulary: open.)
+    with pytest.raises(ExportError, match="misses the quality bar"):
+        export_nvfp4(tmp_path / "bf16", tmp_path / "broken", calib_tokens=calib, eval_tokens=evals,
+                     max_ppl_increase=q["ppl_increase"] / 2)
+    assert not (tmp_path / "broken").exists()
+    with pytest.raises(ExportError, match="eval_tokens"):
+        export_nvfp4(tmp_path / "bf16", tmp_path / "x", calib_tokens=calib, max_ppl_increase=0.05)
