@@ -110,25 +110,25 @@ def _schedule_problems(cfg: RunConfig, st: Stage, stages: list[Stage]) -> list[s
     return []
 
 
-def _phases(cfg: RunConfig):
-    """The curriculum's phases by name, or None when there is no curriculum to read (mock data, or a path that
-    `check_run_inputs` / preflight reports)."""
+def _phases(cfg: RunConfig, problems: list[str]):
+    """The curriculum, or None when there is none to read (mock data; a missing path, which `check_run_inputs` /
+    preflight reports; an invalid file, added to `problems`)."""
     from data_pipeline.curriculum import CurriculumError, load_curriculum
 
     if cfg.data.mock or not cfg.data.curriculum or not Path(cfg.data.curriculum).is_file():
         return None
     try:
-        cur = load_curriculum(cfg.data.curriculum)
+        return load_curriculum(cfg.data.curriculum)
     except CurriculumError as e:
-        raise ConfigError(f"data.curriculum: {e}") from None
-    return cur
+        problems.append(f"data.curriculum: {e}")
+        return None
 
 
 def _stages(cfg: RunConfig, problems: list[str]) -> list[Stage]:
     if not cfg.stages:
         return [Stage(0, "main", None, cfg.train, cfg.parallel, cfg.precision, (cfg.train.seq_length,),
                       performance=cfg.performance, gpus=cfg.cluster.gpus)]
-    cur = _phases(cfg)
+    cur = _phases(cfg, problems)
     span_run = cfg.train.lr_schedule_span == "run"
     curve_iters = sum(s.train_iters for s in cfg.stages if not s.own_lr_schedule) if span_run else 0
     out, offset = [], 0

@@ -575,6 +575,9 @@ def run_training(cfg: RunConfig, *, model_provider: Optional[ModelProvider] = No
     adapt.apply(backend.name)
     stages = resolve(cfg)  # config errors before any process group starts
     init_distributed(backend=backend.dist_backend)
+    from pretrain.preflight import check_before_run
+
+    check_before_run(cfg, dist.get_world_size())  # every stage's phase, budget, data and layout, before step one
     _print(f" foldtron: {backend.describe()}; megatron-core {'.'.join(map(str, adapt.mcore_version()))}")
     lock = ckpt.acquire_run_lock(cfg.checkpoint.save)  # one run per checkpoint directory (names the holder)
     stop = StopRequests(cfg.train.exit_duration_in_mins).install()
@@ -590,6 +593,14 @@ def run_training(cfg: RunConfig, *, model_provider: Optional[ModelProvider] = No
                 summary["stages"].append({"name": stage.name, "completed": True, "skipped_already_done": True,
                                           "checkpoint": str(info.path), "iterations": [], "losses": []})
                 continue
+            trained_here = any(not st.get("skipped_already_done") for st in summary["stages"])
+            if stage.gpus is not None and stage.gpus != dist.get_world_size() and trained_here:
+                # Super's long-context stages run on a job of another size: this job's part is done.
+                _print(f" foldtron: stage {stage.name} is planned for {stage.gpus} GPUs and this job has "
+                       f"{dist.get_world_size()}: the stages before it are done; submit it on its own job size "
+                       f"(e.g. examples/slurm/long_context.sbatch)")
+                summary["next_stage"] = {"name": stage.name, "gpus": stage.gpus}
+                break
             res = train_stage(cfg, stages, stage, model_provider or default_model_provider, stop, run_state)
             summary["stages"].append(res)
             if res["exit"]:
