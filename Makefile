@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { echo "make: $(VENV) is not Python >= 3.12: make clean, then rerun" >&2; exit 1; }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[dev,hf]'
+	$(BIN)/python -m pip install -q -e '.[dev,hf,quant]'
 	touch $(STAMP)
 
 venv: $(STAMP)
