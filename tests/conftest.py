@@ -12,6 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Megatron-Core's jit_fuser is torch.compile: on the CPU every process would trace, and on a fresh machine compile
+# with a C++ compiler, each fused function per shape (~20 s of CPU a new tiny-model config, ~3 s a process with a
+# warm cache; the suite starts ~150 training processes). The functions are elementwise (squared ReLU, bias-dropout-
+# add, router bias): eager runs the same math. Inherited by every subprocess and rank; test_quickstart.py runs the
+# production path (compiled, as `foldtron quickstart` on a laptop) with it removed. FOLDTRON_TEST_COMPILE=1: compile.
+if os.environ.get("FOLDTRON_TEST_COMPILE", "") != "1":
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def _has_cuda() -> bool:

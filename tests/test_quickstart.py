@@ -1,6 +1,7 @@
 """A shortened quickstart end to end, checking every artifact is there and valid: curated report, shards
 readable with webdataset, TensorBoard scalars, a checkpoint training resumes from, an export transformers loads."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,8 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.multiproc
 def test_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
+    # The production CPU path, Megatron-Core's torch.compile'd fused functions included (conftest.py turns
+    # compilation off for the rest of the suite).
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
     res = subprocess.run([sys.executable, "-m", "pretrain.cli", "quickstart", "--output", str(out), "--steps", "6",
-                          "--cpus", "2"], capture_output=True, text=True, cwd=ROOT, timeout=1500)
+                          "--cpus", "2"], capture_output=True, text=True, cwd=ROOT, timeout=1500, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "Foldtron quickstart" in res.stdout and "tensorboard --logdir" in res.stdout
 
@@ -54,7 +58,7 @@ def test_quickstart_end_to_end(tmp_path):
     shutil.rmtree(out / "checkpoints" / "long_context")
     resume = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--config", str(out / "run.yaml"),
                              "--nproc", "4", "--summary", str(tmp_path / "resume.json")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=900)
+                            text=True, cwd=ROOT, timeout=900, env=env)
     assert resume.returncode == 0, resume.stderr[-5000:]
     again = json.loads((tmp_path / "resume.json").read_text())["stages"]
     assert again[0].get("skipped_already_done") and again[1].get("skipped_already_done")
