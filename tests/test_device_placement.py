@@ -76,15 +76,26 @@ def _train_under_detector(run_dir: str, plant: bool):
     return sorted(mode.hits)
 
 
+def _clean_then_planted(root: str):
+    """Both runs on one pair of ranks (one start-up): the clean run first, so every lazily made tensor is made
+    under its detector; then the planted bug, which stays in this process."""
+    return {"clean": _train_under_detector(str(Path(root) / "clean"), False),
+            "planted": _train_under_detector(str(Path(root) / "planted"), True)}
+
+
+@pytest.fixture(scope="module")
+def hits(tmp_path_factory):
+    ranks = run_on_ranks(_clean_then_planted, 2, str(tmp_path_factory.mktemp("placement")), timeout=600)
+    return {k: sorted({h for rank in ranks for h in rank[k]}) for k in ("clean", "planted")}
+
+
 @pytest.mark.multiproc
-def test_training_step_names_every_device(tmp_path):
-    hits = run_on_ranks(_train_under_detector, 2, str(tmp_path / "run"), False, timeout=600)
-    found = sorted({h for rank in hits for h in rank})
+def test_training_step_names_every_device(hits):
+    found = hits["clean"]
     assert not found, "tensors created without an explicit device during training:\n" + "\n".join(found)
 
 
 @pytest.mark.multiproc
-def test_planted_device_bug_is_caught(tmp_path):
-    hits = run_on_ranks(_train_under_detector, 2, str(tmp_path / "run"), True, timeout=600)
-    found = sorted({h for rank in hits for h in rank})
+def test_planted_device_bug_is_caught(hits):
+    found = hits["planted"]
     assert any(h.startswith("pretrain/train.py") for h in found), found
