@@ -34,10 +34,22 @@ def _chunks(pp: int, vpp):
         return out
 
 
+@pytest.fixture(scope="module")
+def built_chunks():
+    """The chunks of pp=2 (vpp None or 2) on 2 ranks, built once per module for the tests below."""
+    made: dict = {}
+
+    def get(vpp):
+        if vpp not in made:
+            made[vpp] = [c for rank in run_on_ranks(_chunks, 2, 2, vpp, timeout=300) for c in rank]
+        return made[vpp]
+    return get
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("vpp", [None, 2], ids=["pp2", "pp2-vpp2"])
-def test_mtp_on_last_chunk_with_an_embedding_copy_equal_to_the_first_stage(vpp):
-    chunks = [c for rank in run_on_ranks(_chunks, 2, 2, vpp, timeout=300) for c in rank]
+def test_mtp_on_last_chunk_with_an_embedding_copy_equal_to_the_first_stage(built_chunks, vpp):
+    chunks = built_chunks(vpp)
     last_vp = (vpp or 1) - 1
     (first,) = [c for c in chunks if c["rank"] == 0 and c["vp"] == 0]
     (last,) = [c for c in chunks if c["rank"] == 1 and c["vp"] == last_vp]
@@ -73,7 +85,7 @@ def test_mtp_chunk_must_be_the_output_chunk():
 
 
 @pytest.mark.multiproc
-def test_memory_model_counts_each_stages_parameters_including_the_embedding_copy():
+def test_memory_model_counts_each_stages_parameters_including_the_embedding_copy(built_chunks):
     """parallel/memory.py's per-stage parameter count (what the planner sizes weights, grads and optimizer state
     from) equals the built pp=2 model's, the last stage's MTP embedding copy included."""
     from model.presets import get_preset
@@ -81,7 +93,7 @@ def test_memory_model_counts_each_stages_parameters_including_the_embedding_copy
     from parallel.memory import rank_params
 
     cfg = get_preset("tiny", hybrid_override_pattern="M*-EM*-E", num_layers=8)
-    built = {c["rank"]: c["nparams"] for rank in run_on_ranks(_chunks, 2, 2, None, timeout=300) for c in rank}
+    built = {c["rank"]: c["nparams"] for c in built_chunks(None)}
     for stage in (0, 1):
         rp = rank_params(cfg, ParallelLayout(pp=2), stage)
         assert rp.dense + rp.expert == built[stage], (stage, rp, built)

@@ -2,6 +2,7 @@
 stream is positioned by the training step, not by a running count), and no checkpoint is written inside a NaN
 streak (the last good ones are kept)."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,12 @@ def test_nvfp4_with_stochastic_rounding_resumes_bit_identically(tmp_path):
     nv = ["precision.recipe=nvfp4"]
     r, whole = _train(tmp_path / "a", *nv, "train.train_iters=4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r, _ = _train(tmp_path / "b", *nv, "train.train_iters=2")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r, resumed = _train(tmp_path / "b", *nv, "train.train_iters=4", "train.seed=1234")
+    # A fresh process resumes from the iteration-2 checkpoint (its SR stream starts a new running count there).
+    b = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", b)
+    shutil.rmtree(b / "main" / "iter_0000004")
+    (b / "main" / "latest").write_text("iter_0000002\n")
+    r, resumed = _train(b, *nv, "train.train_iters=4", "train.seed=1234")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (a,), (b,) = whole["stages"], resumed["stages"]
     assert b["resumed_from"] == 2
