@@ -277,7 +277,8 @@ class Rehearsal:
         """Train until the first mid-stage checkpoint of the stage the kill lands in, kill -9 every rank, resume."""
         run_config = mini["run_config"]
         names = [s["name"] for s in mini["stages"]]
-        victim = names[1] if len(names) > 1 else names[0]  # mid-run: after a stage boundary, inside a stage
+        # Mid-run, inside a stage: the second stage when it has a checkpoint before its end, else the first.
+        victim = names[1] if len(names) > 1 and mini["iters"][names[1]] > mini["save_interval"] else names[0]
         n_victim = mini["iters"][victim]
         log_path = self.output / "train.log"
         pattern = re.compile(rf"\[{re.escape(victim)}\] saved checkpoint .*iter_(\d+)")
