@@ -76,14 +76,20 @@ def held_out_splits(shards_dir: Union[str, Path], curriculum: Union[str, Path, d
                               f"windows of {seq_length} tokens (tokens no phase reads), {need} needed ({read}); "
                               "ask for fewer or shorter windows, or hold out data from the curriculum")
     names = list(sizes)
-    per_split = {n: _allocate(weights, alloc, sizes[n]) for n in names}
+    # splits one after another from what the previous ones left (allocating each against all of `alloc` gave two
+    # splits the same windows' share of a source: a split came out short and its record wrong)
+    left = dict(alloc)
+    per_split: Dict[str, Dict[str, int]] = {}
+    for n in names:
+        per_split[n] = _allocate(weights, left, sizes[n])
+        left = {s: left[s] - per_split[n][s] for s in weights}
     # _allocate per split may under-fill when capacity is tight: top up from what is left, source by source
     for n in names:
         short = sizes[n] - sum(per_split[n].values())
         for s in weights:
-            spare = alloc[s] - sum(per_split[m][s] for m in names)
-            take = min(spare, short)
+            take = min(left[s], short)
             per_split[n][s] += take
+            left[s] -= take
             short -= take
     out: Dict[str, list] = {n: [] for n in names}
     sources = {}

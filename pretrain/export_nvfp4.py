@@ -60,8 +60,12 @@ class _CPUEmulation:
     `_dynamic_block_quantize_impl`: "amax must be a CUDA tensor for dynamic block quantization"), so on CPU the
     quantized model is run with modelopt's quantizers switched off and Foldtron's bit-exact NVFP4 emulation
     (kernels/nvfp4.py `nvfp4_fake_quantize`, 16-element E4M3-scaled blocks) applied to every quantized 2-D Linear's
-    weight and input, with the global amax modelopt calibrated (input) or measured (weight). Modules whose weights
-    are not 2-D (transformers 5's fused 3-D expert tensors) keep BF16 here and are counted in `bf16_modules`."""
+    weight and input, with the global amax modelopt calibrated (input) or measured (weight). transformers 5's fused
+    routed experts (3-D `up_proj` / `down_proj`, modelopt's _QuantFusedExperts: one weight quantizer per expert, one
+    input quantizer per projection shared by the experts) are emulated too: each expert's weight quantized on its
+    own, the up-projection input at the experts' input (NVFP4 blocks run along the feature dimension, so quantizing
+    the tokens before routing equals quantizing each expert's gathered rows) and the down-projection input at
+    `act_fn`'s output. A quantized module neither form fits keeps BF16 and is counted in `bf16_modules`."""
 
     def __init__(self, model):
         self.model, self.handles, self.restore = model, [], []
@@ -72,9 +76,21 @@ class _CPUEmulation:
 
         self.off = [q for q in self.model.modules()
                     if type(q).__name__.endswith("TensorQuantizer") and getattr(q, "is_enabled", False)]
+
+        def quantize_input(amax):
+            def pre(_m, args):
+                x = args[0]
+                return (nvfp4_fake_quantize(x, amax=amax).to(x.dtype).view_as(x), *args[1:])
+            return pre
+
         for _, m in self.model.named_modules():
+            if self._fused_experts(m, nvfp4_fake_quantize, quantize_input):
+                continue
             iq, wq = getattr(m, "input_quantizer", None), getattr(m, "weight_quantizer", None)
             if iq is None or wq is None or wq not in self.off:
+                if any(q in self.off for q in m.children()) and not hasattr(m, "input_quantizer") \
+                        and type(m).__name__.endswith("Experts"):
+                    self.bf16 += 1
                 continue
             w = getattr(m, "weight", None)
             if w is None or w.dim() != 2 or getattr(iq, "amax", None) is None:
@@ -83,23 +99,43 @@ class _CPUEmulation:
             old = w.data
             w.data = nvfp4_fake_quantize(old).to(old.dtype).view_as(old)
             amax = iq.amax.detach().to(torch.float32).max()
-
-            def pre(_m, args, amax=amax):
-                x = args[0]
-                return (nvfp4_fake_quantize(x, amax=amax).to(x.dtype).view_as(x), *args[1:])
-
-            self.handles.append(m.register_forward_pre_hook(pre))
+            self.handles.append(m.register_forward_pre_hook(quantize_input(amax)))
             self.restore.append((m, old))
             self.emulated += 1
         for q in self.off:
             q.disable()
         return self
 
+    def _fused_experts(self, m, fake_quantize, quantize_input) -> bool:
+        iq_up, iq_down = getattr(m, "up_proj_input_quantizer", None), getattr(m, "down_proj_input_quantizer", None)
+        wq_up, wq_down = getattr(m, "up_proj_weight_quantizers", None), getattr(m, "down_proj_weight_quantizers", None)
+        up, down, act = getattr(m, "up_proj", None), getattr(m, "down_proj", None), getattr(m, "act_fn", None)
+        if any(x is None for x in (iq_up, iq_down, wq_up, wq_down, up, down)) or not isinstance(act, torch.nn.Module):
+            return False
+        if iq_up not in self.off or up.dim() != 3 or down.dim() != 3:
+            return False
+        if getattr(iq_up, "amax", None) is None or getattr(iq_down, "amax", None) is None:
+            self.bf16 += 1  # no expert saw a calibration token: nothing to emulate with
+            return True
+        for w in (up, down):
+            old = w.data
+            w.data = torch.stack([fake_quantize(old[e]).to(old.dtype).view_as(old[e]) for e in range(old.shape[0])])
+            self.restore.append((w, old))
+        self.handles.append(m.register_forward_pre_hook(quantize_input(iq_up.amax.detach().to(torch.float32).max())))
+        down_amax = iq_down.amax.detach().to(torch.float32).max()
+
+        def post(_m, _args, out):
+            return fake_quantize(out, amax=down_amax).to(out.dtype).view_as(out)
+
+        self.handles.append(act.register_forward_hook(post))
+        self.emulated += 1
+        return True
+
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
         for m, old in self.restore:
-            m.weight.data = old
+            (m.weight if isinstance(m, torch.nn.Module) else m).data = old
         for q in self.off:
             q.enable()
 

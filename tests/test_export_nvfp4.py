@@ -112,13 +112,17 @@ def test_nvfp4_calibrated_on_shards_held_to_quality_bar(tmp_path):
     q = res["quality"]
     print("NVFP4 quality (random tiny model, 8 x 64 held-out tokens):", q)
     assert q["tokens"] == 8 * 63 and 0 <= q["ppl_increase"] <= 0.05 and q["top1_agreement"] > 0.5
+    # every quantized module is in the measured numerics: the 22 2-D Linears and both fused routed-expert modules
+    assert q["emulated_modules"] == 24 and q["bf16_modules"] == 0
     marker = json.loads((tmp_path / "nvfp4" / "foldtron_export.json").read_text())
     assert marker["calibration"]["phase"] == "p1" and marker["calibration"]["seed"] == 3
     assert marker["calibration"]["sizes"] == {"calibration": 8, "evaluation": 8}
     assert marker["calibration"]["shape"] == [8, 64] and marker["quality"]["nvfp4_ppl"] == q["nvfp4_ppl"]
 
     # the bar itself: a bar below the measured increase refuses the export and writes nothing. (All-zero calibration
-    # batches do not trip a 5 % bar on this random-weight model, whose perplexity is ~ its vocabulary: open.)
+    # batches do not trip it, here nor on the 210-step quickstart model: NVFP4's block scales are dynamic, only the
+    # per-tensor global amax is calibrated, and token-0 batches under-estimate it by < 3x where it matters; the
+    # README's serving-export section has the measurements.)
     with pytest.raises(ExportError, match="misses the quality bar"):
         export_nvfp4(tmp_path / "bf16", tmp_path / "broken", calib_tokens=calib, eval_tokens=evals,
                      max_ppl_increase=q["ppl_increase"] / 2)
