@@ -593,9 +593,9 @@ def run_training(cfg: RunConfig, *, model_provider: Optional[ModelProvider] = No
                 summary["stages"].append({"name": stage.name, "completed": True, "skipped_already_done": True,
                                           "checkpoint": str(info.path), "iterations": [], "losses": []})
                 continue
-            trained_here = any(not st.get("skipped_already_done") for st in summary["stages"])
-            if stage.gpus is not None and stage.gpus != dist.get_world_size() and trained_here:
-                # Super's long-context stages run on a job of another size: this job's part is done.
+            if stage.gpus is not None and stage.gpus != dist.get_world_size() and stage.index > 0:
+                # Super's long-context stages run on a job of another size: this job's part is done (every stage
+                # before this one is). A first stage planned for another size is an error (train_stage says it).
                 _print(f" foldtron: stage {stage.name} is planned for {stage.gpus} GPUs and this job has "
                        f"{dist.get_world_size()}: the stages before it are done; submit it on its own job size "
                        f"(e.g. examples/slurm/long_context.sbatch)")

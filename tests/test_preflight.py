@@ -179,3 +179,14 @@ def test_train_runs_the_same_checks_before_the_first_step(shards, tmp_path):
                                           r"holds 15 global batches"):
         run_training(cfg)
     assert not (tmp_path / "run" / "phase1").exists()  # nothing trained
+
+
+def test_an_alternating_stage_counts_tokens_as_trained():
+    """Super's long-context stage 2 alternates 1M and 4K sequences per global batch: each step is counted at its
+    own length, in the order the loader cycles them."""
+    from pretrain.stages import resolve
+
+    st = resolve(load_config(SUPER), check_inputs=False)[3]
+    assert [st.seq_length_at(i) for i in range(4)] == [1048576, 4096, 1048576, 4096]
+    assert st.tokens(1) == 16 * 1048576 and st.tokens(2) == 16 * (1048576 + 4096)
+    assert st.tokens(2019) == 16 * (1010 * 1048576 + 1009 * 4096)
