@@ -3,7 +3,9 @@
 Each step writes its outputs under --output and a record in `<output>/quickstart/<step>.json`; a rerun reuses
 finished steps (delete a step's record, or pass --fresh, to redo it). Steps run in order:
 corpus -> classifiers -> curate (langid, 2 quality classifiers, buckets) -> tokenizer -> shards -> curriculum
--> train (3 stages, 4 gloo ranks) -> export -> generate.
+-> train (3 stages, 4 gloo ranks) -> export -> generate -> mtp (the MTP block as a speculative drafter, on held-out
+prompts) -> nvfp4 (NVFP4 serving export calibrated on held-out windows of the run's shards, perplexity vs BF16).
+Everything the summary prints is also in `<output>/quickstart/summary.json`.
 """
 from __future__ import annotations
 
@@ -28,6 +30,14 @@ class Quickstart:
     seed: int = 1234
     precision: str = "nvfp4"  # the recipe the training stages emulate (NVFP4 with the published carve-outs)
     mtp_depth: int = 2  # MTP depths of the tiny preset's shared '*E' block
+    # the serving checks, kept small (seconds on a laptop): held-out prompts x tokens for MTP drafting, held-out
+    # windows for NVFP4 calibration and for its quality check, and the export's perplexity bar
+    mtp_prompts: int = 4
+    mtp_prompt_len: int = 32
+    mtp_new_tokens: int = 12
+    nvfp4_calib_windows: int = 8
+    nvfp4_eval_windows: int = 8
+    nvfp4_max_ppl_increase: float = 0.10
     log: Callable[[str], None] = print
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -38,7 +48,7 @@ class Quickstart:
 
     def run_step(self, name: str, fn: Callable[[], dict]) -> dict:
         record = self.records / f"{name}.json"
-        if record.exists():
+        if record.exists() and not json.loads(record.read_text()).get("skipped"):  # a skipped step is retried
             result = json.loads(record.read_text())
             self.log(f"[{name}] reused from a previous run ({record})")
         else:
@@ -249,14 +259,62 @@ class Quickstart:
         return {"model_class": type(model).__name__, "prompt": prompt, "completion": text,
                 "parameters": sum(p.numel() for p in model.parameters())}
 
+    def mtp(self) -> dict:
+        """Self-speculative greedy decoding with the export's own MTP block drafting (`foldtron eval-mtp --hf`'s
+        library function, the exported mtp.* tensors in transformers' NemotronH blocks) on held-out prompts of the
+        last stage's phase; the output is checked against plain greedy decoding token for token."""
+        from pretrain.commands.eval_mtp import held_out_prompts
+        from pretrain.config import load_config
+        from pretrain.mtp_eval import HFDrafter, evaluate
+
+        cfg = load_config(self.results["train"]["run_config"])
+        prompts, meta = held_out_prompts(cfg, shards=None, curriculum=None, phase=None, data_seed=None,
+                                         prompts=self.mtp_prompts, prompt_len=self.mtp_prompt_len, seed=self.seed)
+        report = evaluate(HFDrafter(self.results["export"]["hf_dir"]), prompts, self.mtp_new_tokens)
+        if report["greedy_equal"] is not True:
+            raise RuntimeError("speculative decoding with the MTP drafter did not reproduce plain greedy decoding: "
+                               f"{report['outputs']}")
+        report.pop("outputs")
+        return {"source": self.results["export"]["hf_dir"], **report,
+                "held_out": {k: meta[k] for k in ("phase", "seed", "seq_length", "sizes")}}
+
+    def nvfp4(self) -> dict:
+        """NVFP4 serving export of the HF export (modelopt PTQ, MTP kept BF16) calibrated on held-out windows of the
+        last stage's phase, its perplexity and top-1 agreement vs BF16 on other held-out windows, held to
+        `nvfp4_max_ppl_increase`. Needs nvidia-modelopt (the `quant` extra): without it the step says so and is
+        skipped (retried on the next run)."""
+        try:
+            import modelopt.torch.quantization  # noqa: F401
+        except ImportError as e:
+            return {"skipped": f"nvidia-modelopt is not importable ({e}); it is the `quant` extra: "
+                               "pip install -e '.[quant]' (make venv installs it), then rerun"}
+        from pretrain.export_nvfp4 import calibration_from_run, export_nvfp4
+
+        calib, evals, meta = calibration_from_run(self.results["train"]["run_config"],
+                                                  calib_size=self.nvfp4_calib_windows,
+                                                  eval_size=self.nvfp4_eval_windows, seq_length=self.seq_length,
+                                                  seed=self.seed)
+        res = export_nvfp4(self.results["export"]["hf_dir"], self.output / "hf-nvfp4", calib_tokens=calib,
+                           eval_tokens=evals, calibration_meta=meta, max_ppl_increase=self.nvfp4_max_ppl_increase,
+                           overwrite=True)
+        q = res["quality"]
+        return {"output": res["output"], "quant_algo": res["quant_algo"], "mtp_tensors_bf16": res["mtp_tensors_bf16"],
+                "calibration": {"phase": meta["phase"], "windows": list(calib.shape), "seed": meta["seed"]},
+                "evaluation_windows": list(evals.shape),
+                "quality": {k: q[k] for k in ("tokens", "bf16_loss", "nvfp4_loss", "bf16_ppl", "nvfp4_ppl",
+                                              "loss_delta", "ppl_increase", "top1_agreement", "max_ppl_increase",
+                                              "numerics", "emulated_modules", "bf16_modules")}}
+
     # ------------------------------------------------------------------------------------------ the run
     def run(self) -> dict:
         t0 = time.time()
         for name in ("corpus", "classifiers", "curate", "tokenizer", "shards", "curriculum", "train", "export",
-                     "generate"):
+                     "generate", "mtp", "nvfp4"):
             self.run_step(name, getattr(self, name))
         self.results["total_seconds"] = round(time.time() - t0, 1)
-        self.log(self.summary())
+        text = self.summary()
+        (self.records / "summary.json").write_text(json.dumps({**self.results, "summary": text}, indent=2))
+        self.log(text)
         return self.results
 
     def summary(self) -> str:
@@ -293,12 +351,33 @@ class Quickstart:
             f"{r['export']['verify']['greedy_equal']})",
             f"  generate    transformers {r['generate']['model_class']}: {r['generate']['prompt']!r} -> "
             f"{r['generate']['completion']!r}",
+            self._mtp_line(r["mtp"]),
+            self._nvfp4_line(r["nvfp4"]),
             f"  tensorboard tensorboard --logdir {r['train']['tensorboard']} --host 127.0.0.1",
             f"  total       {r['total_seconds']:.0f} s",
             "",
             "Next: scale up with examples/slurm/ and examples/configs/{nano-30b-a3b,super-120b-a12b}.yaml.",
         ]
         return "\n".join(lines)
+
+
+    @staticmethod
+    def _mtp_line(m: dict) -> str:
+        acc = " / ".join(f"{a:.2f}" for a in m["acceptance_per_position"])
+        pos = " / ".join(str(i + 1) for i in range(m["draft_tokens"]))
+        return (f"  mtp         MTP drafter acceptance {acc} at draft position {pos}, mean accepted length "
+                f"{m['mean_tokens_per_verify']:.2f} tokens per verify; speculative == greedy: {m['greedy_equal']}"
+                f"  ({m['prompts']} held-out {m['held_out']['phase']} prompts x {m['new_tokens']} tokens)")
+
+    @staticmethod
+    def _nvfp4_line(n: dict) -> str:
+        if n.get("skipped"):
+            return f"  nvfp4       skipped: {n['skipped']}"
+        q = n["quality"]
+        return (f"  nvfp4       {n['output']}: held-out ppl {q['bf16_ppl']:.1f} (BF16) -> {q['nvfp4_ppl']:.1f} (NVFP4), "
+                f"{100 * q['ppl_increase']:+.2f} % (bar {100 * q['max_ppl_increase']:.0f} %), top-1 agreement "
+                f"{q['top1_agreement']:.3f}  (calibrated on {n['calibration']['windows'][0]} x "
+                f"{n['calibration']['windows'][1]} held-out {n['calibration']['phase']} tokens)")
 
 
 def run_quickstart(output: str | Path = "runs/quickstart", *, steps: int = 120, cpus: int = 2, fresh: bool = False,

@@ -1,6 +1,7 @@
 """A shortened quickstart end to end, checking every artifact is there and valid: curated report, shards
 readable with webdataset, TensorBoard scalars, a checkpoint training resumes from, an export transformers loads."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -70,3 +71,25 @@ def test_quickstart_end_to_end(tmp_path):
     assert qs["verify"]["greedy_equal"] and qs["verify"]["logits_max_rel_diff"] < 1e-4
     gen = json.loads((out / "quickstart" / "generate.json").read_text())
     assert gen["model_class"] == "NemotronHForCausalLM"
+
+    # the serving checks in the summary (printed and in quickstart/summary.json): the MTP block drafting on held-out
+    # prompts reproduces greedy decoding, and the NVFP4 export calibrated on held-out shard windows has its quality
+    summary_json = json.loads((out / "quickstart" / "summary.json").read_text())
+    mtp = summary_json["mtp"]
+    acc = mtp["acceptance_per_position"]
+    assert mtp["greedy_equal"] is True and mtp["draft_tokens"] == 2 and mtp["held_out"]["phase"] == "long_context"
+    assert len(acc) == 2 and 0 <= acc[1] <= acc[0] <= 1  # draft 2 is accepted only after draft 1
+    assert mtp["mean_tokens_per_verify"] == pytest.approx(1 + mtp["mean_accepted_drafts"])
+    assert 1 <= mtp["mean_tokens_per_verify"] <= 3 and "MTP drafter acceptance" in res.stdout
+    nv = summary_json["nvfp4"]
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+    except ImportError:
+        assert "quant" in nv["skipped"] and "nvfp4       skipped" in res.stdout
+    else:
+        q = nv["quality"]
+        assert math.isfinite(q["ppl_increase"]) and math.isfinite(q["bf16_ppl"]) and q["bf16_ppl"] > 1
+        assert q["ppl_increase"] <= q["max_ppl_increase"] == 0.10 and 0 < q["top1_agreement"] <= 1
+        assert nv["calibration"]["windows"] == [8, 128] and nv["evaluation_windows"] == [8, 128]
+        assert q["bf16_modules"] == 0 and q["emulated_modules"] > 0 and nv["mtp_tensors_bf16"] > 0
+        assert (Path(nv["output"]) / "hf_quant_config.json").is_file() and "held-out ppl" in res.stdout
