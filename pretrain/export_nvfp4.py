@@ -193,11 +193,15 @@ def calibration_from_run(config: Any, *, phase: Optional[str] = None, calib_size
 def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, calib_tokens: Optional[torch.Tensor] = None,
                  exclude: Sequence[str] = DEFAULT_EXCLUDE, overwrite: bool = False, seed: int = 0,
                  calibration_meta: Optional[Dict[str, Any]] = None, eval_tokens: Optional[torch.Tensor] = None,
-                 max_ppl_increase: Optional[float] = None) -> Dict[str, Any]:
+                 max_ppl_increase: Optional[float] = None,
+                 min_top1_agreement: Optional[float] = None) -> Dict[str, Any]:
     """Quantize the BF16 HF export in `hf_dir` to NVFP4 (weights and activations of every Linear, 16-element
     blocks) and write it to `output_dir` (atomically). `exclude`: extra module-name globs kept in BF16.
     `eval_tokens`: held-out windows for the BF16-vs-NVFP4 quality report; `max_ppl_increase` (relative, 0.05 = 5 %)
-    fails the export when quantization raises their perplexity more (needs `eval_tokens`)."""
+    fails the export when quantization raises their perplexity more (needs `eval_tokens`); `min_top1_agreement`
+    fails it when fewer held-out next-token predictions agree with BF16's. Both bars, because perplexity alone
+    misses a calibration that clips: on a near-uniform model (random weights) inputs clipped at a tenth of their
+    range cost +1.6 % perplexity but drop top-1 agreement from 0.66 to 0.12 (tests/test_export_nvfp4.py)."""
     try:
         import modelopt.torch.quantization as mtq
         from modelopt.torch.export import export_hf_checkpoint
@@ -209,7 +213,7 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
     from pretrain.import_hf import HFCheckpoint
 
     src, output = Path(hf_dir), Path(output_dir)
-    if max_ppl_increase is not None and eval_tokens is None:
+    if (max_ppl_increase is not None or min_top1_agreement is not None) and eval_tokens is None:
         raise ExportError("max_ppl_increase needs eval_tokens (held-out windows to measure the perplexity on)")
     for what, t in (("calib_tokens", calib_tokens), ("eval_tokens", eval_tokens)):
         if t is not None and (t.dim() != 2 or t.shape[0] == 0 or t.shape[1] < 2 or t.dtype != torch.long):
@@ -254,6 +258,15 @@ def export_nvfp4(hf_dir: Union[str, Path], output_dir: Union[str, Path], *, cali
                     f"-> {quality['nvfp4_ppl']:.4g} (NVFP4), +{100 * quality['ppl_increase']:.2f} % > "
                     f"{100 * max_ppl_increase:.2f} % allowed (top-1 agreement {quality['top1_agreement']:.3f}, "
                     f"calibration: {calibration.get('phase', calibration['source'])}); nothing written to {output}")
+        if min_top1_agreement is not None:
+            quality["min_top1_agreement"] = min_top1_agreement
+            if not quality["top1_agreement"] >= min_top1_agreement:
+                hf.close()
+                raise ExportError(
+                    f"NVFP4 export of {src} misses the quality bar: held-out top-1 agreement with BF16 "
+                    f"{quality['top1_agreement']:.3f} < {min_top1_agreement:.3f} required (perplexity "
+                    f"{quality['bf16_ppl']:.4g} -> {quality['nvfp4_ppl']:.4g}, calibration: "
+                    f"{calibration.get('phase', calibration['source'])}); nothing written to {output}")
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -296,6 +296,7 @@ class Quickstart:
                                                   seed=self.seed)
         res = export_nvfp4(self.results["export"]["hf_dir"], self.output / "hf-nvfp4", calib_tokens=calib,
                            eval_tokens=evals, calibration_meta=meta, max_ppl_increase=self.nvfp4_max_ppl_increase,
+                           min_top1_agreement=0.5,
                            overwrite=True)
         q = res["quality"]
         return {"output": res["output"], "quant_algo": res["quant_algo"], "mtp_tensors_bf16": res["mtp_tensors_bf16"],

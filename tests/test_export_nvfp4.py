@@ -129,3 +129,56 @@ def test_nvfp4_calibrated_on_shards_held_to_quality_bar(tmp_path):
     assert not (tmp_path / "broken").exists()
     with pytest.raises(ExportError, match="eval_tokens"):
         export_nvfp4(tmp_path / "bf16", tmp_path / "x", calib_tokens=calib, max_ppl_increase=0.05)
+
+
+def _clipping_calibration(monkeypatch, factor: float) -> None:
+    """A broken calibration as the bar must catch it: modelopt's quantize runs its real calibration, then every
+    input quantizer's calibrated global amax is under-estimated `factor`x (what a calibration set far narrower than
+    the data does to the clipping range: values above it are clipped)."""
+    import modelopt.torch.quantization as mtq
+
+    real = mtq.quantize
+
+    def quantize(model, cfg, loop):
+        out = real(model, cfg, loop)
+        for name, m in out.named_modules():
+            if name.endswith("input_quantizer") and getattr(m, "amax", None) is not None:
+                m.amax = m.amax * factor
+        return out
+
+    monkeypatch.setattr(mtq, "quantize", quantize)
+
+
+@pytest.mark.slow
+def test_a_clipping_calibration_trips_the_default_bar(tmp_path, monkeypatch):
+    """The default bars (--max-ppl-increase 0.10, --min-top1-agreement 0.5) refuse a calibration that clips inputs
+    at a tenth of their range, and write nothing; the same model calibrated properly passes them (this random-weight
+    model: top-1 agreement 0.66 -> 0.12 while perplexity moves +1.6 %; the trained quickstart model: +85 %
+    perplexity, top-1 0.37, README serving-export section)."""
+    from megatron.core import dist_checkpointing
+
+    from model.build import build_model, init_single_process
+    from model.presets import get_preset
+    from pretrain.export_hf import ExportError, export_hf
+    from pretrain.export_nvfp4 import calibration_from_run, export_nvfp4
+    from tests.pipeline_data import build
+    from tests.test_export_hf import perturb
+
+    data = build(tmp_path / "data")
+    cur = {"name": "t", "phases": [{"name": "p1", "tokens": 4 * 4 * 64, "seq_length": 64, "global_batch_size": 4,
+                                    "blend": {"code": 0.5, "email": 0.3, "json": 0.2}}]}
+    calib, evals, meta = calibration_from_run(None, phase="p1", calib_size=8, eval_size=8, seq_length=64, seed=3,
+                                              shards=str(data["shards"]), curriculum=cur, data_seed=1234)
+    init_single_process()
+    cfg = get_preset("tiny")
+    model = build_model(cfg)
+    perturb(model, 5)
+    (tmp_path / "ckpt").mkdir()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp_path / "ckpt"))
+    export_hf(tmp_path / "ckpt", tmp_path / "bf16", "bf16", config=cfg)
+    _clipping_calibration(monkeypatch, 0.1)
+    with pytest.raises(ExportError, match="misses the quality bar: held-out top-1 agreement") as e:
+        export_nvfp4(tmp_path / "bf16", tmp_path / "clipped", calib_tokens=calib, eval_tokens=evals,
+                     calibration_meta=meta, max_ppl_increase=0.10, min_top1_agreement=0.5)
+    print("clipping calibration:", e.value)
+    assert not (tmp_path / "clipped").exists()

@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-ppl-increase", type=float, default=0.10,
                    help="fail the NVFP4 export when held-out perplexity rises more than this fraction over BF16 "
                         "(default 0.10 = 10%%)")
+    q.add_argument("--min-top1-agreement", type=float, default=0.5,
+                   help="fail the NVFP4 export when fewer held-out next-token predictions than this fraction agree "
+                        "with BF16 (default 0.5; a clipping calibration drops it far below while perplexity barely "
+                        "moves on a weak model)")
     q.add_argument("--calib-random", action="store_true",
                    help="calibrate on random tokens instead (a format check: no quality check, not for serving)")
     add_config_args(p)
@@ -71,7 +75,8 @@ def _run(args: argparse.Namespace) -> int:
                 seq_length=args.calib_seq_len, seed=args.calib_seed, shards=args.calib_shards,
                 curriculum=args.calib_curriculum, data_seed=args.calib_data_seed)
             kw = dict(calib_tokens=calib, eval_tokens=evals, calibration_meta=meta,
-                      max_ppl_increase=args.max_ppl_increase)
+                      max_ppl_increase=args.max_ppl_increase,
+                      min_top1_agreement=args.min_top1_agreement)
     result = export_hf(args.checkpoint, args.output, args.dtype, config=config, tokenizer=args.tokenizer,
                        max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     print(json.dumps(result, indent=1))
