@@ -89,8 +89,8 @@ class MarkovCorpus:
 
 def train(recipe: str, steps: int, *, batch: int = 4, seq: int = 64, telemetry_interval: int = 50) -> dict:
     from kernels.telemetry import QuantTelemetry
-    from model.build import build_model, init_single_process
     from model.adapt.lowp import apply_precision
+    from model.build import build_model, init_single_process
     from model.precision import PrecisionConfig
     from model.presets import get_preset
 

@@ -21,7 +21,6 @@ after; the merge exists; the export reproduces Foldtron's logits.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -414,7 +413,7 @@ class Rehearsal:
             a_b = losses.get(st["name"])
             lines.append(f"  loss       {st['name']:<16} " + (f"{a_b[0]:.3f} -> {a_b[1]:.3f}" if a_b else
                                                              "trained before the kill (train.log)"))
-        lines.append(f"  sources    " + ", ".join(f"{k}->{v}" for k, v in self.results["mapping"].items()))
+        lines.append("  sources    " + ", ".join(f"{k}->{v}" for k, v in self.results["mapping"].items()))
         lines.append(f"  total      {self.results['seconds']:.0f} s  ({self.output / 'rehearsal.json'})")
         return "\n".join(lines)
 

@@ -5,8 +5,8 @@ import torch
 
 from kernels.lowp_linear import lowp_linear
 from kernels.telemetry import QuantTelemetry
-from model.build import build_model, init_single_process
 from model.adapt.lowp import apply_precision, lowp_options, module_format, remove_precision
+from model.build import build_model, init_single_process
 from model.precision import PrecisionConfig, super_policy
 from model.presets import get_preset
 

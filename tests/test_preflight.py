@@ -170,8 +170,8 @@ def test_data_mistakes_are_named(shards, tmp_path):
 def test_train_runs_the_same_checks_before_the_first_step(shards, tmp_path):
     """A stage that would run dry 25T tokens in is refused by `foldtron train` before any stage trains."""
     cur = ROOT / "examples" / "configs" / "curriculum" / "tiny.yaml"
-    from pretrain.train import run_training
     from pretrain.config import ConfigError
+    from pretrain.train import run_training
 
     cfg = _tiny_run(shards, cur, _tiny_stages(None, iters=(32, 8, 99)) + [
         "train.micro_batch_size=2", f"checkpoint.save={tmp_path / 'run'}"])
