@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from pretrain.config import ConfigError, RunConfig
-from pretrain.stages import Stage, _data_problems, _load_problems, stages_and_problems
+from pretrain.stages import Stage, data_problems, load_problems, stages_and_problems
 
 
 @dataclass
@@ -82,8 +82,8 @@ def preflight(cfg: RunConfig, *, gpus: Optional[int] = None, gpu: Optional[str] 
     if not data:
         rep.notes.append("data: not checked (--no-data): shards, manifests, epochs per source and the tokenizer")
     else:
-        rep.problems += [p for p in _data_problems(cfg) if not p.startswith("data.curriculum")]
-        rep.problems += _load_problems(cfg)
+        rep.problems += [p for p in data_problems(cfg) if not p.startswith("data.curriculum")]
+        rep.problems += load_problems(cfg)
     plans = _plans(cfg, cur, stages, manifests, rep)
     kind = cfg.cluster.gpu or gpu
     spec = None
@@ -304,9 +304,11 @@ def plot_lr(cfg: RunConfig, stages: list[Stage], path: str | Path) -> Path:
     cmap = plt.get_cmap("tab10")
     for k, st in enumerate(stages):
         steps, lrs = lr_samples(st)
-        xs = [(start + st.tokens(i)) / scale for i in steps]
         tokens = st.tokens(st.train.train_iters)
-        ax.plot(xs, lrs, color=cmap(k % 10), lw=1.6, label=f"{st.name}: {_fmt(tokens)} tokens, "
+        # step i trains the tokens between tokens(i) and tokens(i+1) at its LR: a step line to the stage's end
+        xs = [(start + st.tokens(i)) / scale for i in steps] + [(start + tokens) / scale]
+        lrs = lrs + lrs[-1:]
+        ax.plot(xs, lrs, color=cmap(k % 10), lw=1.6, drawstyle="steps-post", label=f"{st.name}: {_fmt(tokens)} tokens, "
                                                           f"{st.train.train_iters:,} steps")
         ax.axvline(start / scale, color="k", lw=0.6, ls="--")
         ax.annotate(st.name, (start / scale, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top",

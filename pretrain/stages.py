@@ -205,12 +205,12 @@ def check_run_inputs(cfg: RunConfig) -> None:
     """Every path the run reads exists, as a ConfigError naming the field: the data (unless data.mock), the
     tokenizer, and `checkpoint.load`, which must hold a checkpoint of one of the run's stages (else the run
     would train from scratch and exit 0 while the user thinks it resumed)."""
-    problems = _data_problems(cfg) + _load_problems(cfg)
+    problems = data_problems(cfg) + load_problems(cfg)
     if problems:
         raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
 
 
-def _data_problems(cfg: RunConfig) -> list[str]:
+def data_problems(cfg: RunConfig) -> list[str]:
     d = cfg.data
     if d.mock:
         return []
@@ -246,7 +246,7 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     return out
 
 
-def _load_problems(cfg: RunConfig) -> list[str]:
+def load_problems(cfg: RunConfig) -> list[str]:
     load, save = cfg.checkpoint.load, cfg.checkpoint.save
     if load is None or (save is not None and Path(load).resolve() == Path(save).resolve()):
         return []  # resuming from `save` itself: an empty or new directory is a fresh run
