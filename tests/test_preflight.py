@@ -190,3 +190,26 @@ def test_an_alternating_stage_counts_tokens_as_trained():
     assert [st.seq_length_at(i) for i in range(4)] == [1048576, 4096, 1048576, 4096]
     assert st.tokens(1) == 16 * 1048576 and st.tokens(2) == 16 * (1048576 + 4096)
     assert st.tokens(2019) == 16 * (1010 * 1048576 + 1009 * 4096)
+
+
+@pytest.mark.multiproc
+def test_a_job_stops_cleanly_before_a_stage_planned_for_another_size(tmp_path):
+    """Super's long-context stages declare `gpus: 2048`: the 4,096-GPU job trains phases 1-2, then stops with exit 0
+    naming the next stage and its size; a first stage planned for another size is an error (nothing silently
+    skipped). In miniature: tiny's long-context stage planned for 2 ranks, the job has 1."""
+    base = [sys.executable, "-m", "pretrain.cli", "train", "--config", str(ROOT / "examples/configs/tiny.yaml"),
+            "--nproc", "1", "logging.tensorboard_dir=null", "stages.0.train_iters=2", "stages.1.train_iters=2",
+            "stages.1.lr_wsd_decay_iters=2"]
+    summary = tmp_path / "s.json"
+    out = subprocess.run(base + [f"checkpoint.save={tmp_path / 'a'}", "stages.2.gpus=2", "--summary", str(summary)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    s = json.loads(summary.read_text())
+    assert [st["name"] for st in s["stages"]] == ["phase1", "phase2"] and all(st["completed"] for st in s["stages"])
+    assert s["next_stage"] == {"name": "long-context", "gpus": 2}
+    assert "stage long-context is planned for 2 GPUs and this job has 1" in out.stdout
+    out = subprocess.run(base + [f"checkpoint.save={tmp_path / 'b'}", "stages.0.gpus=2", "stages.2.gpus=2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode != 0 and "stage phase1 is planned for 2 GPUs (stages.0.gpus) but this job has 1 ranks" in (
+        out.stdout + out.stderr)
+    assert not (tmp_path / "b" / "phase1").exists()
