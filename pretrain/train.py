@@ -52,11 +52,18 @@ def default_model_provider(model_cfg, *, pre_process: bool, post_process: bool, 
                        vp_stage=vp_stage, config=transformer_config(model_cfg, **parallel_kwargs))
 
 
-def performance_kwargs(cfg: RunConfig, stage: Optional[Stage] = None) -> dict:
-    """TransformerConfig fields of the stage's (else the run's) performance settings (recompute, TP comm overlap)."""
+def _backend_name(cfg: RunConfig) -> str:
+    """The backend `run_training` resolved and installed the patches for (resolved once per run); outside a run
+    (tests, `foldtron plan`), the config's, resolved now."""
+    from model import adapt
     from model.backend import resolve_backend
 
-    perf = ((stage.performance if stage else None) or cfg.performance).resolved(resolve_backend(cfg.backend).name)
+    return adapt.active_backend() or resolve_backend(cfg.backend).name
+
+
+def performance_kwargs(cfg: RunConfig, stage: Optional[Stage] = None) -> dict:
+    """TransformerConfig fields of the stage's (else the run's) performance settings (recompute, TP comm overlap)."""
+    perf = ((stage.performance if stage else None) or cfg.performance).resolved(_backend_name(cfg))
     kw: dict = {"tp_comm_overlap": perf["tp_comm_overlap"]}
     if perf["recompute"] == "selective":
         # Megatron-Core's selective recompute modules matching the planner's `selective` (parallel/memory.py).
@@ -255,9 +262,7 @@ def _build(cfg: RunConfig, stage: Stage, provider: ModelProvider, telemetry=None
         if bf16:
             chunk = Float16Module(chunk.config, chunk)
         chunks.append(chunk)
-    from model.backend import resolve_backend
-
-    perf = (stage.performance or cfg.performance).resolved(resolve_backend(cfg.backend).name)
+    perf = (stage.performance or cfg.performance).resolved(_backend_name(cfg))
     model = wrap_ddp(chunks, stage.parallel, bf16, overlap_grad_reduce=perf["overlap_grad_reduce"],
                      overlap_param_gather=perf["overlap_param_gather"])
     install_grad_sync(model)
