@@ -54,6 +54,26 @@ def perturb(model, seed: int) -> None:
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
 
 
+def export_tiny(tmp_path: Path, seed: int, dtype: str = "bf16", hf_name: str = "hf"):
+    """One process: the tiny preset, perturbed with `seed`, saved as a Foldtron checkpoint in tmp_path/ckpt and
+    exported to tmp_path/<hf_name>; returns (model config, checkpoint dir, HF dir)."""
+    from megatron.core import dist_checkpointing
+
+    from model.build import build_model, init_single_process
+    from model.presets import get_preset
+    from pretrain.export_hf import export_hf
+
+    init_single_process()
+    cfg = get_preset("tiny")
+    model = build_model(cfg)
+    perturb(model, seed)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(ckpt))
+    export_hf(ckpt, tmp_path / hf_name, dtype, config=cfg)
+    return cfg, ckpt, tmp_path / hf_name
+
+
 def save_under_layout(preset: str, layout: dict, path: str, seed: int = 3) -> None:
     """One rank: build the model under `layout` and save its sharded_state_dict (the checkpoint code's model part)
     with Megatron-Core dist_checkpointing, plus foldtron.json recording the model config."""

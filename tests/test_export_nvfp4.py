@@ -23,22 +23,12 @@ def dequant(packed: torch.Tensor, scale: torch.Tensor, scale2: torch.Tensor) -> 
 
 @pytest.mark.slow
 def test_nvfp4_export(tmp_path):
-    from megatron.core import dist_checkpointing
     from safetensors import safe_open
 
-    from model.build import build_model, init_single_process
-    from model.presets import get_preset
-    from pretrain.export_hf import export_hf
     from pretrain.export_nvfp4 import export_nvfp4
-    from tests.test_export_hf import perturb
+    from tests.test_export_hf import export_tiny
 
-    init_single_process()
-    cfg = get_preset("tiny")
-    model = build_model(cfg)
-    perturb(model, 5)
-    (tmp_path / "ckpt").mkdir()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp_path / "ckpt"))
-    export_hf(tmp_path / "ckpt", tmp_path / "bf16", "bf16", config=cfg)
+    cfg, _, _ = export_tiny(tmp_path, 5, hf_name="bf16")
     res = export_nvfp4(tmp_path / "bf16", tmp_path / "nvfp4", exclude=["*fc1_latent_proj*"])
     assert res["quant_algo"] == "NVFP4" and res["group_size"] == 16
     assert "lm_head" in res["exclude_modules"] and all("\x00" not in n for n in res["exclude_modules"])
@@ -81,33 +71,34 @@ def test_nvfp4_export(tmp_path):
 
 
 
-@pytest.mark.slow
-def test_nvfp4_calibrated_on_shards_held_to_quality_bar(tmp_path):
-    """Calibration windows and evaluation windows are held-out windows of a curriculum phase of real shards; the
-    export records them and its BF16-vs-NVFP4 quality; all-zero calibration batches trip the bar and write nothing."""
-    from megatron.core import dist_checkpointing
-
-    from model.build import build_model, init_single_process
-    from model.presets import get_preset
-    from pretrain.export_hf import ExportError, export_hf
-    from pretrain.export_nvfp4 import calibration_from_run, export_nvfp4
+@pytest.fixture(scope="module")
+def shard_calibrated(tmp_path_factory):
+    """A BF16 export of the perturbed tiny model, with 8 calibration and 8 evaluation held-out windows of a
+    curriculum phase over real shards: (HF dir, calibration tokens, evaluation tokens, calibration record)."""
+    from pretrain.export_nvfp4 import calibration_from_run
     from tests.pipeline_data import build
-    from tests.test_export_hf import perturb
+    from tests.test_export_hf import export_tiny
 
-    data = build(tmp_path / "data")
+    root = tmp_path_factory.mktemp("nvfp4-shards")
+    data = build(root / "data")
     cur = {"name": "t", "phases": [{"name": "p1", "tokens": 4 * 4 * 64, "seq_length": 64, "global_batch_size": 4,
                                     "blend": {"code": 0.5, "email": 0.3, "json": 0.2}}]}
     calib, evals, meta = calibration_from_run(None, phase="p1", calib_size=8, eval_size=8, seq_length=64, seed=3,
                                               shards=str(data["shards"]), curriculum=cur, data_seed=1234)
-    init_single_process()
-    cfg = get_preset("tiny")
-    model = build_model(cfg)
-    perturb(model, 5)
-    (tmp_path / "ckpt").mkdir()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp_path / "ckpt"))
-    export_hf(tmp_path / "ckpt", tmp_path / "bf16", "bf16", config=cfg)
+    _, _, hf = export_tiny(root, 5, hf_name="bf16")
+    return hf, calib, evals, meta
 
-    res = export_nvfp4(tmp_path / "bf16", tmp_path / "nvfp4", calib_tokens=calib, eval_tokens=evals,
+
+@pytest.mark.slow
+def test_nvfp4_calibrated_on_shards_held_to_quality_bar(tmp_path, shard_calibrated):
+    """Calibration windows and evaluation windows are held-out windows of a curriculum phase of real shards; the
+    export records them and its BF16-vs-NVFP4 quality; an export under its bar is refused and writes nothing."""
+    from pretrain.export_hf import ExportError
+    from pretrain.export_nvfp4 import export_nvfp4
+
+    bf16, calib, evals, meta = shard_calibrated
+
+    res = export_nvfp4(bf16, tmp_path / "nvfp4", calib_tokens=calib, eval_tokens=evals,
                        calibration_meta=meta, max_ppl_increase=0.05)
     q = res["quality"]
     print("NVFP4 quality (random tiny model, 8 x 64 held-out tokens):", q)
@@ -124,11 +115,11 @@ def test_nvfp4_calibrated_on_shards_held_to_quality_bar(tmp_path):
     # per-tensor global amax is calibrated, and token-0 batches under-estimate it by < 3x where it matters; the
     # README's serving-export section has the measurements.)
     with pytest.raises(ExportError, match="misses the quality bar"):
-        export_nvfp4(tmp_path / "bf16", tmp_path / "broken", calib_tokens=calib, eval_tokens=evals,
+        export_nvfp4(bf16, tmp_path / "broken", calib_tokens=calib, eval_tokens=evals,
                      max_ppl_increase=q["ppl_increase"] / 2)
     assert not (tmp_path / "broken").exists()
     with pytest.raises(ExportError, match="eval_tokens"):
-        export_nvfp4(tmp_path / "bf16", tmp_path / "x", calib_tokens=calib, max_ppl_increase=0.05)
+        export_nvfp4(bf16, tmp_path / "x", calib_tokens=calib, max_ppl_increase=0.05)
 
 
 def _clipping_calibration(monkeypatch, factor: float) -> None:
@@ -150,35 +141,19 @@ def _clipping_calibration(monkeypatch, factor: float) -> None:
 
 
 @pytest.mark.slow
-def test_a_clipping_calibration_trips_the_default_bar(tmp_path, monkeypatch):
+def test_a_clipping_calibration_trips_the_default_bar(tmp_path, monkeypatch, shard_calibrated):
     """The default bars (--max-ppl-increase 0.10, --min-top1-agreement 0.5) refuse a calibration that clips inputs
     at a tenth of their range, and write nothing; the same model calibrated properly passes them (this random-weight
     model: top-1 agreement 0.66 -> 0.12 while perplexity moves +1.6 %; the trained quickstart model: +85 %
     perplexity, top-1 0.37, README serving-export section)."""
-    from megatron.core import dist_checkpointing
 
-    from model.build import build_model, init_single_process
-    from model.presets import get_preset
-    from pretrain.export_hf import ExportError, export_hf
-    from pretrain.export_nvfp4 import calibration_from_run, export_nvfp4
-    from tests.pipeline_data import build
-    from tests.test_export_hf import perturb
+    from pretrain.export_hf import ExportError
+    from pretrain.export_nvfp4 import export_nvfp4
 
-    data = build(tmp_path / "data")
-    cur = {"name": "t", "phases": [{"name": "p1", "tokens": 4 * 4 * 64, "seq_length": 64, "global_batch_size": 4,
-                                    "blend": {"code": 0.5, "email": 0.3, "json": 0.2}}]}
-    calib, evals, meta = calibration_from_run(None, phase="p1", calib_size=8, eval_size=8, seq_length=64, seed=3,
-                                              shards=str(data["shards"]), curriculum=cur, data_seed=1234)
-    init_single_process()
-    cfg = get_preset("tiny")
-    model = build_model(cfg)
-    perturb(model, 5)
-    (tmp_path / "ckpt").mkdir()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp_path / "ckpt"))
-    export_hf(tmp_path / "ckpt", tmp_path / "bf16", "bf16", config=cfg)
+    bf16, calib, evals, meta = shard_calibrated
     _clipping_calibration(monkeypatch, 0.1)
     with pytest.raises(ExportError, match="misses the quality bar: held-out top-1 agreement") as e:
-        export_nvfp4(tmp_path / "bf16", tmp_path / "clipped", calib_tokens=calib, eval_tokens=evals,
+        export_nvfp4(bf16, tmp_path / "clipped", calib_tokens=calib, eval_tokens=evals,
                      calibration_meta=meta, max_ppl_increase=0.10, min_top1_agreement=0.5)
     print("clipping calibration:", e.value)
     assert not (tmp_path / "clipped").exists()

@@ -41,22 +41,12 @@ def _logits_under_layout(ckpt: str, layout: dict, ids: list):
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_imported_checkpoint_runs_under_tp2_ep2(tmp_path):
-    from megatron.core import dist_checkpointing
     from transformers import NemotronHForCausalLM
 
-    from model.build import build_model, init_single_process
-    from model.presets import get_preset
-    from pretrain.export_hf import export_hf
     from pretrain.import_hf import import_hf
-    from tests.test_export_hf import perturb
+    from tests.test_export_hf import export_tiny
 
-    init_single_process()
-    cfg = get_preset("tiny")
-    model = build_model(cfg)
-    perturb(model, 9)
-    (tmp_path / "ckpt").mkdir()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp_path / "ckpt"))
-    export_hf(tmp_path / "ckpt", tmp_path / "hf", "fp32", config=cfg)
+    cfg, _, _ = export_tiny(tmp_path, 9, "fp32")
     res = import_hf(tmp_path / "hf", tmp_path / "run", "tp=2,ep=2,sequence_parallel=true")
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
