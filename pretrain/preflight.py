@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from pretrain.config import ConfigError, RunConfig
-from pretrain.stages import Stage, data_problems, load_problems, stages_and_problems
+from pretrain.stages import Stage, _where, data_problems, load_problems, stages_and_problems
 
 
 @dataclass
@@ -59,14 +59,11 @@ class Report:
     stages: list[StageCheck] = field(default_factory=list)
     epochs: dict[str, float] = field(default_factory=dict)  # source -> passes over its data by the run's end
     plan_text: str = ""  # the curriculum plan per phase and source (with manifests: epochs)
+    resolved: list[Stage] = field(default_factory=list)  # the stages, when their schedules are valid (for plot_lr)
 
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _where(cfg: RunConfig, st: Stage) -> str:
-    return "train" if not cfg.stages else f"stages.{st.index} ({st.name})"
 
 
 def preflight(cfg: RunConfig, *, gpus: Optional[int] = None, gpu: Optional[str] = None, data: bool = True,
@@ -77,6 +74,7 @@ def preflight(cfg: RunConfig, *, gpus: Optional[int] = None, gpu: Optional[str] 
     rep = Report()
     stages, problems = stages_and_problems(cfg)
     rep.problems += problems
+    rep.resolved = [] if problems else stages
     cur = _curriculum(cfg, rep)
     manifests = _manifests(cfg, rep) if data else None
     if not data:
@@ -100,12 +98,9 @@ def preflight(cfg: RunConfig, *, gpus: Optional[int] = None, gpu: Optional[str] 
         rep.stages.append(row)
         _check_budget(cfg, st, cur, plans, row, rep)
         _check_layout(cfg, st, row, spec, memory, rep)
-    try:
-        from pretrain.merge import merge_problems
-    except ImportError:  # the merge module is optional to preflight only while it is being built
-        merge_problems = None
-    if merge_problems is not None:
-        rep.problems += merge_problems(cfg)
+    from pretrain.merge import merge_problems
+
+    rep.problems += merge_problems(cfg)
     return rep
 
 
@@ -121,10 +116,12 @@ def _curriculum(cfg: RunConfig, rep: Report):
     if not cfg.data.curriculum:
         rep.problems.append("data.curriculum is not set: the loader needs the curriculum YAML naming the phases")
         return None
+    if not Path(cfg.data.curriculum).is_file():
+        rep.problems.append(f"data.curriculum: curriculum file {cfg.data.curriculum} does not exist")
+        return None
     try:
         return load_curriculum(cfg.data.curriculum)
-    except CurriculumError as e:
-        rep.problems.append(f"data.curriculum: {e}")
+    except CurriculumError:  # stages_and_problems read it first and listed the problem
         return None
 
 
@@ -175,7 +172,8 @@ def _check_budget(cfg: RunConfig, st: Stage, cur, plans: dict, row: StageCheck, 
     if cur is None or not st.phase or st.phase not in plans:
         return
     pp = plans[st.phase]
-    row.phase_tokens, row.phase_batches = cur.phase(st.phase).tokens, pp.batches
+    budget = cur.phase(st.phase).tokens
+    row.phase_tokens, row.phase_batches = budget, pp.batches
     where = _where(cfg, st)
     if st.train.train_iters > pp.batches:
         rep.problems.append(
@@ -184,7 +182,6 @@ def _check_budget(cfg: RunConfig, st: Stage, cur, plans: dict, row: StageCheck, 
             f"{pp.batches} or raise the phase's tokens")
         return
     one_batch = st.train.global_batch_size * max(st.lengths)
-    budget = cur.phase(st.phase).tokens
     if abs(row.tokens - budget) >= one_batch:
         rep.problems.append(
             f"{where}.train_iters: {st.train.train_iters} steps train {row.tokens:,} tokens but curriculum phase "
@@ -211,9 +208,11 @@ def _check_layout(cfg: RunConfig, st: Stage, row: StageCheck, spec, memory: bool
         if not any("cluster.gpus" in n for n in rep.notes):
             rep.notes.append("layout and memory: not checked (no cluster.gpus, stage gpus or --gpus)")
         return
+    from parallel.planner import layout_problems
+
     seen = set()
     for seq in st.lengths:
-        for p in st.parallel.problems(cfg.model, world, seq, t.micro_batch_size, t.global_batch_size):
+        for p in layout_problems(cfg.model, st.parallel, world, seq, t.micro_batch_size, t.global_batch_size, spec):
             if p not in seen:
                 seen.add(p)
                 rep.problems.append(f"{where}.parallel (on {world} GPUs, seq_length {seq}): {p}")
@@ -221,10 +220,6 @@ def _check_layout(cfg: RunConfig, st: Stage, row: StageCheck, spec, memory: bool
         if spec is None and not any("cluster.gpu " in n for n in rep.notes):
             rep.notes.append("memory and precision: not checked (no cluster.gpu or --gpu)")
         return
-    L = st.parallel
-    if L.tp * L.etp > 1 and max(L.tp, L.etp) > spec.nvlink_domain:
-        rep.problems.append(f"{where}.parallel: tp/etp {max(L.tp, L.etp)} is beyond {spec.name}'s NVLink domain "
-                            f"({spec.nvlink_domain} GPUs)")
     fmts = {st.precision.recipe} - {"fp32"}
     for fmt in sorted(fmts):
         try:
@@ -271,7 +266,7 @@ def _lr_points(stages: list[Stage], per_stage: int = 400) -> dict:
     out = {}
     for st in stages:
         try:
-            xs, ys = lr_samples(st, 2)
+            _, ys = lr_samples(st, 2)
         except (ValueError, AssertionError):
             continue
         out[st.index] = (ys[0], ys[-1])

@@ -251,7 +251,7 @@ class Rehearsal:
         if not rep.ok:
             raise ConfigError("the rehearsal's own config fails preflight (a Foldtron bug):\n  "
                               + "\n  ".join(rep.problems))
-        png = plot_lr(mini, resolve(mini), self.output / "lr_rehearsal.png")
+        png = plot_lr(mini, rep.resolved, self.output / "lr_rehearsal.png")
         plot_lr(prod, stages, self.output / "lr_production.png")
         shape = ", ".join(f"{s['name']} {s['train_iters']}" for s in out_stages)
         recipes = sorted({s["precision"]["recipe"] for s in out_stages})
@@ -265,7 +265,8 @@ class Rehearsal:
                   "stages, curriculum phases and blends, run-wide LR curve, precision policy, recompute")
         self.results["mapping"] = mapping
         self.results["merge_how"] = merge_how
-        return {"run_config": str(path), "iters": iters, "stages": out_stages, "save_interval": save_interval}
+        return {"run_config": str(path), "config": mini, "iters": iters, "stages": out_stages,
+                "save_interval": save_interval}
 
     # ------------------------------------------------------------------------------------------ 4. train, kill, resume
     def _train_cmd(self, run_config: str, summary: Path) -> list[str]:
@@ -335,7 +336,7 @@ class Rehearsal:
         from pretrain.schedules import lr_at
         from pretrain.stages import resolve
 
-        cfg = load_config(mini["run_config"])
+        cfg = mini["config"]
         events = _scalars(Path(cfg.logging.tensorboard_dir), "learning-rate")
         worst, n, step0 = 0.0, 0, 0
         for st in resolve(cfg):
@@ -368,7 +369,7 @@ class Rehearsal:
     def export(self, mini: dict) -> dict:
         from pretrain.export_hf import export_hf, verify_export
 
-        cfg = load_config(mini["run_config"])
+        cfg = mini["config"]
         last = [s["name"] for s in mini["stages"]][-1]
         run = Path(cfg.checkpoint.save)
         out = self.output / "hf"

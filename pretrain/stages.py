@@ -89,10 +89,10 @@ def _schedule_problems(cfg: RunConfig, st: Stage, stages: list[Stage]) -> list[s
     if t.train_iters < 1:
         return [f"{where}: train_iters is {t.train_iters}: nothing would be trained"]
     if st.on_run_curve:
+        if st.lr_offset:  # the curve is checked once, on its first stage
+            return []
         curve = sum(s.train.train_iters for s in stages if s.on_run_curve)
         on = "+".join(s.name for s in stages if s.on_run_curve)
-        if st.lr_offset:  # checked once, on the first stage of the curve
-            return []
         if t.lr_decay_iters > curve:
             return [f"train.lr_decay_iters ({t.lr_decay_iters}) is longer than the run's LR curve ({curve} "
                     f"iterations of stages {on}): the LR would never reach train.min_lr"]

@@ -367,11 +367,12 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
     # micro-batches a multiple of pp, ...): every layout is validated against the model and batch first, so the
     # error names the field to change, before any group exists.
     if stage.gpus is not None and dist.get_world_size() != stage.gpus:
+        field = f"stages.{stage.index}.gpus" if cfg.stages and cfg.stages[stage.index].gpus else "cluster.gpus"
         raise TrainingAborted(
-            f"stage {stage.name} is planned for {stage.gpus} GPUs ({'stages.' + str(stage.index) + '.gpus' if cfg.stages and cfg.stages[stage.index].gpus else 'cluster.gpus'}) "
-            f"but this job has {dist.get_world_size()} ranks: submit it on its planned size, or change that field "
-            f"(and check the layout with `foldtron preflight`)")
-    for seq in stage.lengths:
+            f"stage {stage.name} is planned for {stage.gpus} GPUs ({field}) but this job has "
+            f"{dist.get_world_size()} ranks: submit it on its planned size, or change that field (and check the "
+            f"layout with `foldtron preflight`)")
+    for seq in stage.lengths:  # (the CP chunking of every length is part of the validation)
         stage.parallel.validate(cfg.model, dist.get_world_size(), seq, t.micro_batch_size, t.global_batch_size)
     groups.setup(stage.parallel, seed=t.seed, backend=cfg.backend)
     try:
@@ -380,10 +381,6 @@ def train_stage(cfg: RunConfig, stages: list[Stage], stage: Stage, provider: Mod
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ValueError(f"stage {stage.name}: global_batch_size {t.global_batch_size} is not a multiple of "
                              f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
-        for seq in stage.lengths:
-            if seq % (2 * stage.parallel.cp) and stage.parallel.cp > 1:
-                raise ValueError(f"stage {stage.name}: seq_length {seq} must divide into 2*cp="
-                                 f"{2 * stage.parallel.cp} chunks for context parallelism")
         num_micro = t.global_batch_size // (t.micro_batch_size * dp)
         telemetry = make_telemetry(stage)
         model, optimizer, scheduler = _build(cfg, stage, provider, telemetry)

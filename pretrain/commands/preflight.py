@@ -34,22 +34,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
     from pretrain.preflight import format_report, json_report, plot_lr, preflight
-    from pretrain.stages import stages_and_problems
 
     cfg = load_config(args.config, args.overrides)
     if args.gpus is not None and args.gpus < 1:
         print(f"foldtron preflight: --gpus must be >= 1, got {args.gpus}")
         return 2
     rep = preflight(cfg, gpus=args.gpus, gpu=args.gpu, data=not args.no_data)
-    stages, problems = stages_and_problems(cfg)
     plot = args.plot or f"preflight-{Path(args.config).stem if args.config else 'defaults'}-lr.png"
-    if stages and not problems:
-        plot_lr(cfg, stages, plot)
+    if rep.resolved:  # the stages' schedules are valid: their LR curve can be drawn
+        plot_lr(cfg, rep.resolved, plot)
     if args.json:
-        print(json.dumps(dict(json_report(rep), plot=plot if stages and not problems else None), indent=1))
+        print(json.dumps(dict(json_report(rep), plot=plot if rep.resolved else None), indent=1))
     else:
         print(format_report(cfg, rep))
-        if stages and not problems:
+        if rep.resolved:
             print(f"LR curve over the run: {plot}")
         if rep.plan_text:
             print("curriculum plan:\n" + rep.plan_text)
